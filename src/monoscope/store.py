@@ -1,0 +1,238 @@
+"""The Zarr contracts between stages: token shards and activation stores.
+
+A store that exists is a store that is whole: every writer builds its output under a temporary
+sibling path and renames it into place only after the last byte is written, so a killed job
+leaves no half-store that a later rule could mistake for a finished one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec
+
+from monoscope import __version__
+
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class CodecSpec:
+    """Blosc settings for activation chunks; zstd + bitshuffle suits float activations best."""
+
+    cname: str = "zstd"
+    clevel: int = 3
+    shuffle: str = "bitshuffle"  # "bitshuffle" | "shuffle" | "noshuffle"
+
+    def codec(self, itemsize: int) -> BloscCodec:
+        return BloscCodec(cname=self.cname, clevel=self.clevel, shuffle=self.shuffle, typesize=itemsize)
+
+    def as_attrs(self) -> dict[str, Any]:
+        return {"id": "blosc", "cname": self.cname, "clevel": self.clevel, "shuffle": self.shuffle}
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary sibling of `path`; rename it onto `path` only if the block succeeds."""
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    _remove(tmp)
+    try:
+        yield tmp
+    except BaseException:
+        _remove(tmp)
+        raise
+    _remove(final)
+    os.replace(tmp, final)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
+def chunk_tokens_for(d: int, dtype: str, context: int, target_mib: float) -> int:
+    """Tokens per chunk: whole sequences, at least `target_mib` MiB (small chunks compress and read badly)."""
+    bytes_per_seq = context * d * np.dtype(dtype).itemsize
+    return context * max(1, math.ceil(target_mib * 2**20 / bytes_per_seq))
+
+
+# --- token shards -------------------------------------------------------------------------------
+
+
+def write_token_shard(path: str | os.PathLike, tokens: np.ndarray, attrs: dict[str, Any]) -> None:
+    """tokens: int32 [n_seq, context]."""
+    if tokens.ndim != 2:
+        raise ValueError(f"token shard {path}: expected [n_seq, context], got shape {tokens.shape}")
+    with atomic_path(path) as tmp:
+        group = zarr.open_group(tmp, mode="w")
+        group.create_array("tokens", data=tokens.astype(np.int32), chunks=(min(len(tokens), 1024) or 1, tokens.shape[1]))
+        group.attrs.update({"format_version": FORMAT_VERSION, "package_version": __version__, **attrs})
+
+
+def read_token_shard(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, Any]]:
+    group = _open_group(path)
+    return group["tokens"][:], dict(group.attrs)
+
+
+# --- activation stores --------------------------------------------------------------------------
+
+
+@dataclass
+class ActivationStore:
+    """A read-only view of one activation store."""
+
+    path: Path
+    acts: zarr.Array  # [n_tokens, d], chunked along tokens
+    tokens: np.ndarray  # int32 [n_seq, context]; flat token i is tokens[i // context, i % context]
+    attrs: dict[str, Any]
+
+    @property
+    def n_tokens(self) -> int:
+        return self.acts.shape[0]
+
+    @property
+    def d(self) -> int:
+        return self.acts.shape[1]
+
+    @property
+    def context(self) -> int:
+        return self.tokens.shape[1]
+
+    @property
+    def n_seq(self) -> int:
+        return self.tokens.shape[0]
+
+    @property
+    def chunk_tokens(self) -> int:
+        return self.acts.chunks[0]
+
+
+def _open_group(path: str | os.PathLike) -> zarr.Group:
+    if not Path(path).exists():
+        raise FileNotFoundError(f"no Zarr store at {path}")
+    return zarr.open_group(path, mode="r")
+
+
+def open_activations(path: str | os.PathLike) -> ActivationStore:
+    group = _open_group(path)
+    for name in ("acts", "tokens"):
+        if name not in group:
+            raise ValueError(f"activation store {path} has no '{name}' array; is it a token shard?")
+    return ActivationStore(Path(path), group["acts"], group["tokens"][:], dict(group.attrs))
+
+
+class ActivationStoreWriter:
+    """Stream activations into a new store, sequence block by sequence block.
+
+    Rows are buffered up to a whole chunk so each chunk is compressed and written exactly once.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        tokens: np.ndarray,
+        d: int,
+        dtype: str,
+        chunk_tokens: int,
+        attrs: dict[str, Any],
+        codec: CodecSpec = CodecSpec(),
+    ):
+        self._atomic = atomic_path(path)
+        tmp = self._atomic.__enter__()
+        n_seq, context = tokens.shape
+        group = zarr.open_group(tmp, mode="w")
+        group.create_array("tokens", data=tokens.astype(np.int32), chunks=(min(n_seq, 1024), context))
+        dtype = np.dtype(dtype)
+        self.acts = group.create_array(
+            "acts",
+            shape=(n_seq * context, d),
+            chunks=(chunk_tokens, d),
+            dtype=dtype,
+            compressors=[codec.codec(dtype.itemsize)],
+        )
+        group.attrs.update(
+            {
+                "format_version": FORMAT_VERSION,
+                "package_version": __version__,
+                "dtype": dtype.name,
+                "codec": codec.as_attrs(),
+                "chunk_tokens": chunk_tokens,
+                **attrs,
+            }
+        )
+        self._pending: list[np.ndarray] = []
+        self._pending_rows = 0
+        self._written = 0
+
+    def append(self, acts: np.ndarray) -> None:
+        """acts: [n, d] for the next n tokens in flat (sequence-major) order."""
+        self._pending.append(np.asarray(acts, dtype=self.acts.dtype))
+        self._pending_rows += len(acts)
+        chunk = self.acts.chunks[0]
+        if self._pending_rows >= chunk:
+            rows = np.concatenate(self._pending)
+            whole = (len(rows) // chunk) * chunk
+            self._write(rows[:whole])
+            self._pending = [rows[whole:]] if whole < len(rows) else []
+            self._pending_rows = len(rows) - whole
+
+    def _write(self, rows: np.ndarray) -> None:
+        self.acts[self._written : self._written + len(rows)] = rows
+        self._written += len(rows)
+
+    def close(self) -> None:
+        if self._pending_rows:
+            self._write(np.concatenate(self._pending))
+        if self._written != self.acts.shape[0]:
+            self.abort()
+            raise ValueError(f"activation store got {self._written} rows, expected {self.acts.shape[0]}")
+        self._atomic.__exit__(None, None, None)
+
+    def abort(self) -> None:
+        with contextlib.suppress(BaseException):
+            self._atomic.__exit__(RuntimeError, RuntimeError("aborted"), None)
+
+    def __enter__(self) -> ActivationStoreWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def write_activation_store(
+    path: str | os.PathLike,
+    acts: np.ndarray,
+    tokens: np.ndarray,
+    attrs: dict[str, Any],
+    chunk_tokens: int,
+    dtype: str = "float16",
+    codec: CodecSpec = CodecSpec(),
+) -> None:
+    """Write a whole in-memory store at once (tests, small tools). acts: [n_seq * context, d]."""
+    with ActivationStoreWriter(path, tokens, acts.shape[1], dtype, chunk_tokens, attrs, codec) as writer:
+        writer.append(acts)
+
+
+def iter_sequence_blocks(store: ActivationStore, seqs_per_block: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield (tokens [b, context] int32, acts [b, context, d] float32) in order."""
+    context = store.context
+    for start in range(0, store.n_seq, seqs_per_block):
+        stop = min(start + seqs_per_block, store.n_seq)
+        acts = store.acts[start * context : stop * context].astype(np.float32, copy=False)
+        yield store.tokens[start:stop], acts.reshape(stop - start, context, store.d)
