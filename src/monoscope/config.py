@@ -1,0 +1,131 @@
+"""Load-time validation of the whole configuration, and the names derived from it.
+
+The JSON schema (workflow/schemas/config.schema.yaml) documents every key and fills defaults;
+`validate_config` adds the rules a schema cannot express and turns every failure into one
+message that names the offending key, before any job starts.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
+NEURONS = "neurons"
+NATIVE_MLP_HOOKS = ("mlp.hook_pre", "mlp.hook_post", "hook_mlp_out", "hook_mlp_in", "mlp.hook_in", "mlp.hook_out")
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key."""
+
+
+def load_schema() -> dict[str, Any]:
+    return yaml.safe_load(SCHEMA_PATH.read_text())
+
+
+def _with_defaults(validator_class):
+    """A validator that fills `default`s in as it descends, so nested blocks get their defaults too."""
+    validate_properties = validator_class.VALIDATORS["properties"]
+
+    def set_defaults(validator, properties, instance, schema):
+        if isinstance(instance, dict):
+            for key, sub in properties.items():
+                if "default" in sub and key not in instance:
+                    instance[key] = copy.deepcopy(sub["default"])
+        yield from validate_properties(validator, properties, instance, schema)
+
+    return jsonschema.validators.extend(validator_class, {"properties": set_defaults})
+
+
+def _key_path(error: jsonschema.ValidationError) -> str:
+    return ".".join(str(part) for part in error.absolute_path) or "<top level>"
+
+
+def _describe(error: jsonschema.ValidationError) -> str:
+    if error.validator == "additionalProperties":
+        unknown = sorted(set(error.instance) - set(error.schema.get("properties", {})))
+        prefix = _key_path(error)
+        names = ", ".join(f"'{k}'" if prefix == "<top level>" else f"'{prefix}.{k}'" for k in unknown)
+        allowed = ", ".join(sorted(error.schema.get("properties", {})))
+        return f"unknown config key {names} (allowed here: {allowed})"
+    return f"config key '{_key_path(error)}': {error.message}"
+
+
+def validate_config(config: dict[str, Any]) -> dict[str, Any]:
+    """Return a copy of `config` with defaults filled, or raise ConfigError naming every bad key."""
+    config = copy.deepcopy(dict(config))
+    validator = _with_defaults(jsonschema.Draft202012Validator)(load_schema())
+    errors = sorted(validator.iter_errors(config), key=lambda e: list(map(str, e.absolute_path)))
+    if errors:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(_describe(e) for e in errors))
+    problems = list(_cross_key_problems(config))
+    if problems:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+    return config
+
+
+def _cross_key_problems(config: dict[str, Any]):
+    corpus, model = config["corpus"], config["model"]
+    if corpus["n_eval_shards"] >= corpus["n_shards"]:
+        yield (
+            f"config key 'corpus.n_eval_shards': {corpus['n_eval_shards']} held-out shards leaves no training "
+            f"shard out of corpus.n_shards={corpus['n_shards']}"
+        )
+    if corpus["source"] == "files" and not corpus["paths"]:
+        yield "config key 'corpus.paths': corpus.source is 'files' but no paths are given"
+    if corpus["source"] == "huggingface":
+        if not corpus["hf_name"]:
+            yield "config key 'corpus.hf_name': corpus.source is 'huggingface' but no dataset name is given"
+        if not corpus["max_bytes"]:
+            yield "config key 'corpus.max_bytes': a huggingface stream needs a byte budget"
+    if model["source"] == "native":
+        native = model["native"]
+        if model["layer"] >= native["n_layers"]:
+            yield (
+                f"config key 'model.layer': the native model has {native['n_layers']} layer(s), "
+                f"so there is no layer {model['layer']}"
+            )
+        if model["hook"] not in NATIVE_MLP_HOOKS:
+            yield f"config key 'model.hook': the native model has no hook '{model['hook']}' (choose from {', '.join(NATIVE_MLP_HOOKS)})"
+        if native["d_model"] % native["n_heads"]:
+            yield f"config key 'model.native.n_heads': d_model={native['d_model']} is not divisible by {native['n_heads']} heads"
+    elif model["source"] == "gguf" and not model["gguf_file"]:
+        yield "config key 'model.gguf_file': model.source is 'gguf' but no file is named"
+    if model["source"] != "native" and model["name"] == "native-gelu-1l":
+        yield f"config key 'model.name': model.source is '{model['source']}' but no model name is given"
+
+
+def hook_name(config: dict[str, Any]) -> str:
+    return f"blocks.{config['model']['layer']}.{config['model']['hook']}"
+
+
+def shard_names(config: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """(training shards, held-out shards); the held-out ones are the last n_eval_shards."""
+    n, n_eval = config["corpus"]["n_shards"], config["corpus"]["n_eval_shards"]
+    return [f"train_{i:03d}" for i in range(n - n_eval)], [f"eval_{i:03d}" for i in range(n_eval)]
+
+
+def sae_name(expansion_factor: int, l1_coefficient: float) -> str:
+    return f"x{expansion_factor}_l1-{l1_coefficient:g}"
+
+
+SWEEP_KEYS = ("expansion_factors", "l1_coefficients")
+
+
+def sae_runs(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Every SAE of the sweep: name -> its own resolved hyper-parameters (what its job depends on)."""
+    shared = {k: v for k, v in config["sae"].items() if k not in SWEEP_KEYS}
+    runs = {}
+    for factor in config["sae"]["expansion_factors"]:
+        for l1 in config["sae"]["l1_coefficients"]:
+            runs[sae_name(factor, l1)] = {
+                **shared,
+                "expansion_factor": factor,
+                "l1_coefficient": l1,
+                "seed": config["seed"],
+            }
+    return runs

@@ -1,0 +1,52 @@
+"""Run the model over a token shard and write the hooked activations as an activation store."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from monoscope import models, store
+from monoscope.config import hook_name
+
+
+def harvest_shard(
+    config: dict[str, Any],
+    model_dir: str | Path,
+    token_shard: str | Path,
+    out_path: str | Path,
+    log=print,
+) -> dict[str, Any]:
+    harvest = config["harvest"]
+    hook = hook_name(config)
+    tokens, token_attrs = store.read_token_shard(token_shard)
+    if harvest["max_seqs_per_shard"]:
+        tokens = tokens[: harvest["max_seqs_per_shard"]]
+    bridge = models.load_model(config, model_dir)
+    probe = models.activations_at(bridge, torch.from_numpy(tokens[:1]).long(), hook)
+    d = probe.shape[-1]
+    chunk_tokens = store.chunk_tokens_for(d, harvest["dtype"], tokens.shape[1], harvest["chunk_mib"])
+    codec = store.CodecSpec(harvest["cname"], harvest["clevel"], harvest["shuffle"])
+    attrs = {
+        "model_id": models.model_identity(config, model_dir),
+        "hook": hook,
+        "source_shard": str(token_shard),
+        "tokenizer_id": token_attrs.get("tokenizer_id"),
+    }
+    forward_s = 0.0
+    start = time.perf_counter()
+    with store.ActivationStoreWriter(out_path, tokens, d, harvest["dtype"], chunk_tokens, attrs, codec) as writer:
+        for first in tqdm(range(0, len(tokens), harvest["batch_size"]), desc=f"harvest {Path(out_path).name}", mininterval=10):
+            batch = torch.from_numpy(tokens[first : first + harvest["batch_size"]]).long()
+            t = time.perf_counter()
+            acts = models.activations_at(bridge, batch, hook)  # [b, s, d]
+            forward_s += time.perf_counter() - t
+            writer.append(acts.flatten(0, 1).float().numpy())
+    total_s = time.perf_counter() - start
+    summary = {"tokens": int(tokens.size), "d": d, "forward_s": forward_s, "total_s": total_s,
+               "store_overhead": (total_s - forward_s) / forward_s}
+    log(str(summary))
+    return summary

@@ -1,0 +1,183 @@
+"""The language model: build and train the native 1-layer model, load any configured model, run to a hook.
+
+The native model is Towards Monosemanticity's: one transformer block, d_model 128, an MLP of 512
+GELU neurons, built with TransformerLens 4 (`TransformerBridge.boot_native`) so every stage sees
+the same hook names as for pretrained models.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+WEIGHTS = "model.safetensors"
+CONFIG = "model.json"
+
+
+def native_bridge_config(native: dict[str, Any], d_vocab: int, context: int, seed: int):
+    from transformer_lens.config import TransformerBridgeConfig
+
+    return TransformerBridgeConfig(
+        d_model=native["d_model"],
+        d_head=native["d_model"] // native["n_heads"],
+        n_heads=native["n_heads"],
+        n_layers=native["n_layers"],
+        n_ctx=context,
+        d_mlp=native["d_mlp"],
+        d_vocab=d_vocab,
+        act_fn=native["act_fn"],
+        normalization_type="LN",
+        seed=seed,
+    )
+
+
+def boot_native(native: dict[str, Any], d_vocab: int, context: int, seed: int):
+    from transformer_lens.model_bridge import TransformerBridge
+
+    return TransformerBridge.boot_native(native_bridge_config(native, d_vocab, context, seed))
+
+
+def cosine_lr(step: int, total: int, peak: float, warmup: int, floor: float = 0.1) -> float:
+    """Linear warm-up to `peak`, then cosine decay to `floor * peak` at `total`."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def next_token_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """logits [b, s, vocab], tokens [b, s] -> mean cross-entropy of predicting tokens[:, 1:]."""
+    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten())
+
+
+def _batches(tokens: np.ndarray, batch_size: int, rng: np.random.Generator) -> Iterator[torch.Tensor]:
+    """Endless epochs over the sequences, each in a fresh seeded order."""
+    while True:
+        order = rng.permutation(len(tokens))
+        for start in range(0, len(order) - batch_size + 1, batch_size):
+            yield torch.from_numpy(tokens[np.sort(order[start : start + batch_size])]).long()
+
+
+@torch.no_grad()
+def held_out_loss(forward: Callable[[torch.Tensor], torch.Tensor], tokens: np.ndarray, batch_size: int) -> float:
+    total, count = 0.0, 0
+    for start in range(0, len(tokens), batch_size):
+        batch = torch.from_numpy(tokens[start : start + batch_size]).long()
+        total += next_token_loss(forward(batch), batch).item() * len(batch)
+        count += len(batch)
+    return total / count
+
+
+def train_native(
+    config: dict[str, Any],
+    train_tokens: np.ndarray,
+    eval_tokens: np.ndarray,
+    d_vocab: int,
+    out_dir: str | Path,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Train the native model on packed sequences; save weights, config and the loss curve to out_dir."""
+    native, train = config["model"]["native"], config["model"]["train"]
+    context = train_tokens.shape[1]
+    torch.manual_seed(config["seed"])
+    bridge = boot_native(native, d_vocab, context, config["seed"])
+    # The bare module trains ~1.7x faster than the bridge (no hook dispatch); they share parameters.
+    module = bridge.original_model
+    module.train()
+    optimizer = torch.optim.AdamW(module.parameters(), lr=train["lr"], betas=(0.9, 0.95), weight_decay=train["weight_decay"])
+    steps = max(1, train["tokens"] // (train["batch_size"] * context))
+    eval_tokens = eval_tokens[: max(1, train["eval_tokens"] // context)]
+    batches = _batches(train_tokens, train["batch_size"], np.random.default_rng(config["seed"]))
+    curve = []
+    start = time.perf_counter()
+    for step in tqdm(range(steps), desc="train_lm", mininterval=10):
+        for group in optimizer.param_groups:
+            group["lr"] = cosine_lr(step, steps, train["lr"], train["warmup_steps"])
+        batch = next(batches)
+        loss = next_token_loss(module(batch), batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
+        optimizer.step()
+        if step % 50 == 0 or step == steps - 1:
+            curve.append({"step": step, "tokens": (step + 1) * train["batch_size"] * context, "train_loss": loss.item()})
+    seconds = time.perf_counter() - start
+    module.eval()
+    summary = {
+        "steps": steps,
+        "tokens": steps * train["batch_size"] * context,
+        "tokens_per_second": steps * train["batch_size"] * context / seconds,
+        "final_train_loss": curve[-1]["train_loss"],
+        "held_out_loss": held_out_loss(module, eval_tokens, train["batch_size"]),
+        "held_out_tokens": int(eval_tokens.size),
+    }
+    log(json.dumps(summary))
+    save_native(bridge, native, d_vocab, context, config["seed"], out_dir, {"summary": summary, "curve": curve})
+    return summary
+
+
+def save_native(bridge, native, d_vocab, context, seed, out_dir, training: dict[str, Any]) -> None:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in bridge.original_model.state_dict().items()}
+    save_file(state, str(out / WEIGHTS))
+    spec = {"source": "native", "native": native, "d_vocab": d_vocab, "context": context, "seed": seed}
+    (out / CONFIG).write_text(json.dumps({**spec, "training": training}, indent=1))
+
+
+def load_native(model_dir: str | Path):
+    spec = json.loads((Path(model_dir) / CONFIG).read_text())
+    bridge = boot_native(spec["native"], spec["d_vocab"], spec["context"], spec["seed"])
+    bridge.original_model.load_state_dict(load_file(str(Path(model_dir) / WEIGHTS)))
+    return bridge.eval()
+
+
+def load_model(config: dict[str, Any], model_dir: str | Path):
+    """The configured model in eval mode: the trained native one from model_dir, or a pretrained one."""
+    if config["model"]["source"] == "native":
+        return load_native(model_dir)
+    from monoscope import pretrained
+
+    bridge, _ = pretrained.load_pretrained(config["model"], Path(model_dir))
+    return bridge.eval()
+
+
+def model_identity(config: dict[str, Any], model_dir: str | Path) -> str:
+    """What identifies the weights: a content hash for the native model, name+revision/file hash otherwise."""
+    if config["model"]["source"] == "native":
+        import hashlib
+
+        return "native:" + hashlib.sha256((Path(model_dir) / WEIGHTS).read_bytes()).hexdigest()[:16]
+    from monoscope import pretrained
+
+    return pretrained.model_identity(config["model"])
+
+
+@torch.no_grad()
+def activations_at(bridge, tokens: torch.Tensor, hook: str) -> torch.Tensor:
+    """tokens [b, s] -> the hook's activation [b, s, d], running only the blocks up to the hooked one."""
+    layer = int(hook.split(".")[1])
+    _, cache = bridge.run_with_cache(tokens, names_filter=lambda name: name == hook, stop_at_layer=layer + 1)
+    if hook not in cache:
+        raise KeyError(f"model has no hook '{hook}'")
+    return cache[hook]
+
+
+@torch.no_grad()
+def loss_with_hook(bridge, tokens: torch.Tensor, hook: str, replace: Callable[[torch.Tensor], torch.Tensor] | None):
+    """Mean next-token loss per sequence [b] with the hook's activation replaced by replace(act) (None: clean)."""
+    hooks = [] if replace is None else [(hook, lambda act, hook: replace(act))]
+    logits = bridge.run_with_hooks(tokens, return_type="logits", fwd_hooks=hooks)
+    losses = torch.nn.functional.cross_entropy(
+        logits[:, :-1].transpose(1, 2).float(), tokens[:, 1:], reduction="none"
+    )  # [b, s-1]
+    return losses.mean(dim=1)
