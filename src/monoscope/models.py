@@ -128,7 +128,7 @@ def train_native(
 def save_native(bridge, native, d_vocab, context, seed, out_dir, training: dict[str, Any]) -> None:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous() for k, v in bridge.original_model.state_dict().items()}
+    state = {k: v.detach().contiguous() for k, v in bridge.state_dict().items()}
     save_file(state, str(out / WEIGHTS))
     spec = {"source": "native", "native": native, "d_vocab": d_vocab, "context": context, "seed": seed}
     (out / CONFIG).write_text(json.dumps({**spec, "training": training}, indent=1))
@@ -137,7 +137,7 @@ def save_native(bridge, native, d_vocab, context, seed, out_dir, training: dict[
 def load_native(model_dir: str | Path):
     spec = json.loads((Path(model_dir) / CONFIG).read_text())
     bridge = boot_native(spec["native"], spec["d_vocab"], spec["context"], spec["seed"])
-    bridge.original_model.load_state_dict(load_file(str(Path(model_dir) / WEIGHTS)))
+    bridge.load_state_dict(load_file(str(Path(model_dir) / WEIGHTS)))
     return bridge.eval()
 
 

@@ -1,0 +1,20 @@
+# monoscope: dictionary learning on a language model's MLP, features versus neurons.
+# This file is the table of contents; each stage lives in workflow/rules/<stage>.smk.
+
+configfile: "config/config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/corpus.smk"
+include: "workflow/rules/tokenize.smk"
+include: "workflow/rules/model.smk"
+include: "workflow/rules/harvest.smk"
+include: "workflow/rules/sae.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/report.smk"
+
+
+rule all:
+    input:
+        "results/report/index.html",
+    default_target: True

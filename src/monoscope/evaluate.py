@@ -1,0 +1,143 @@
+"""Held-out evaluation of a dictionary (an SAE, or the neurons as the identity dictionary)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from monoscope import models, store
+from monoscope.config import NEURONS, hook_name
+
+
+def reconstruction_score(clean_loss: float, recons_loss: float, zero_abl_loss: float) -> float:
+    """(zero_abl - recons) / (zero_abl - clean): 1 = the reconstruction loses nothing, 0 = as bad as zeroing the layer."""
+    if zero_abl_loss == clean_loss:
+        raise ValueError("zero-ablation loss equals clean loss: the hooked layer does not affect the loss")
+    return (zero_abl_loss - recons_loss) / (zero_abl_loss - clean_loss)
+
+
+def load_dictionary(name: str, sae_dir: str | Path | None, d_in: int) -> torch.nn.Module:
+    from monoscope import sae
+
+    if name == NEURONS:
+        return sae.IdentityDictionary(d_in)
+    return sae.load_dictionary(sae_dir).eval()
+
+
+class FeatureStats:
+    """Streaming per-feature firing counts, sums and maxima over [n, d_sae] activation batches."""
+
+    def __init__(self, d_sae: int):
+        self.fires = torch.zeros(d_sae, dtype=torch.float64)
+        self.total = torch.zeros(d_sae, dtype=torch.float64)
+        self.max = torch.zeros(d_sae)
+        self.n_tokens = 0
+        self.l0_sum = 0.0
+
+    def update(self, f: torch.Tensor) -> None:
+        active = f > 0
+        self.fires += active.sum(0, dtype=torch.float64)
+        self.total += f.clamp(min=0).sum(0, dtype=torch.float64)
+        self.max = torch.maximum(self.max, f.max(0).values)
+        self.n_tokens += len(f)
+        self.l0_sum += active.sum().item()
+
+    def table(self) -> pd.DataFrame:
+        density = (self.fires / self.n_tokens).numpy()
+        with np.errstate(divide="ignore", invalid="ignore"):
+            mean_when_active = np.where(self.fires > 0, (self.total / self.fires).numpy(), 0.0)
+        return pd.DataFrame(
+            {
+                "feature": np.arange(len(density)),
+                "density": density,
+                "log10_density": np.log10(np.maximum(density, 1e-10)),
+                "mean_activation": mean_when_active,
+                "max_activation": self.max.numpy(),
+            }
+        )
+
+
+@torch.no_grad()
+def evaluate_dictionary(
+    config: dict[str, Any],
+    name: str,
+    sae_dir: str | Path | None,
+    model_dir: str | Path,
+    eval_stores: list[str | Path],
+    out_dir: str | Path,
+    log=print,
+) -> dict[str, Any]:
+    """Write metrics.json and features.parquet for one dictionary on the held-out stores."""
+    settings = config["evaluate"]
+    hook = hook_name(config)
+    bridge = models.load_model(config, model_dir)
+    stores = [store.open_activations(p) for p in eval_stores]
+    d_in = stores[0].d
+    dictionary = load_dictionary(name, sae_dir, d_in)
+    stats = FeatureStats(dictionary.d_sae)
+    sq_err = sq_dev = 0.0
+    act_sum = torch.zeros(d_in, dtype=torch.float64)
+    act_sq_sum = 0.0
+    losses = {"clean": 0.0, "recons": 0.0, "zero_abl": 0.0}
+    n_seq = 0
+
+    def reconstruct(act: torch.Tensor) -> torch.Tensor:
+        return dictionary.decode(dictionary.encode(act.float())).to(act.dtype)
+
+    budget = settings["max_seqs"]
+    progress = tqdm(total=budget, desc=f"evaluate {name}", mininterval=10)
+    for activation_store in stores:
+        for tokens, acts in store.iter_sequence_blocks(activation_store, settings["batch_size"]):
+            if n_seq >= budget:
+                break
+            tokens, acts = tokens[: budget - n_seq], acts[: budget - n_seq]
+            x = torch.from_numpy(acts).flatten(0, 1)  # [b*s, d_in]
+            f = dictionary.encode(x)  # [b*s, d_sae]
+            x_hat = dictionary.decode(f)
+            stats.update(f)
+            sq_err += (x - x_hat).pow(2).sum().item()
+            act_sum += x.sum(0, dtype=torch.float64)
+            act_sq_sum += x.double().pow(2).sum().item()
+            batch = torch.from_numpy(tokens).long()
+            losses["clean"] += models.loss_with_hook(bridge, batch, hook, None).sum().item()
+            losses["recons"] += models.loss_with_hook(bridge, batch, hook, reconstruct).sum().item()
+            losses["zero_abl"] += models.loss_with_hook(bridge, batch, hook, torch.zeros_like).sum().item()
+            n_seq += len(tokens)
+            progress.update(len(tokens))
+    progress.close()
+    n_tokens = stats.n_tokens
+    mean = act_sum / n_tokens
+    total_variance = act_sq_sum - n_tokens * mean.pow(2).sum().item()  # sum over tokens of |x - mean|^2
+    losses = {k: v / n_seq for k, v in losses.items()}
+    table = stats.table()
+    dense_threshold = 10 ** settings["dense_log10_density"]
+    metrics = {
+        "name": name,
+        "d_in": d_in,
+        "d_sae": dictionary.d_sae,
+        "expansion_factor": dictionary.d_sae / d_in,
+        "eval_sequences": n_seq,
+        "eval_tokens": n_tokens,
+        "clean_loss": losses["clean"],
+        "recons_loss": losses["recons"],
+        "zero_abl_loss": losses["zero_abl"],
+        "reconstruction_score": reconstruction_score(losses["clean"], losses["recons"], losses["zero_abl"]),
+        "mse": sq_err / (n_tokens * d_in),
+        "fvu": sq_err / total_variance,
+        "l0": stats.l0_sum / n_tokens,
+        "dead_fraction": float((table["density"] == 0).mean()),
+        "dense_fraction": float((table["density"] > dense_threshold).mean()),
+        "dense_threshold": dense_threshold,
+    }
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    table.to_parquet(out / "features.parquet", index=False)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    log(json.dumps(metrics))
+    return metrics

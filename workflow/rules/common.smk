@@ -1,0 +1,40 @@
+# Validation, derived names and input functions. No rules here.
+import sys
+
+from monoscope.config import ConfigError, NEURONS, hook_name, sae_runs, shard_names, validate_config
+
+try:
+    _validated = validate_config(config)
+except ConfigError as error:
+    sys.exit(f"monoscope: {error}")
+config.clear()
+config.update(_validated)
+
+TRAIN_SHARDS, EVAL_SHARDS = shard_names(config)
+ALL_SHARDS = TRAIN_SHARDS + EVAL_SHARDS
+SAE_RUNS = sae_runs(config)
+SAE_NAMES = list(SAE_RUNS)
+DICTIONARIES = SAE_NAMES + [NEURONS]
+HOOK = hook_name(config)
+NATIVE = config["model"]["source"] == "native"
+
+
+wildcard_constraints:
+    shard=r"(train|eval)_\d{3}",
+    name=r"[A-Za-z0-9_.+-]+",
+
+
+def activation_stores(shards):
+    return [f"results/activations/{shard}.zarr" for shard in shards]
+
+
+def dictionary_input(wildcards):
+    """The SAE checkpoint a per-dictionary rule reads; nothing for the neurons."""
+    if wildcards.name == NEURONS:
+        return []
+    return [f"results/sae/{wildcards.name}/sae.safetensors", f"results/sae/{wildcards.name}/cfg.json"]
+
+
+def model_params():
+    """What the model's outputs depend on, so a changed model reruns everything downstream."""
+    return {"model": config["model"], "tokenizer": config["tokenizer"], "seed": config["seed"]}

@@ -1,0 +1,22 @@
+rule evaluate:
+    input:
+        stores=activation_stores(EVAL_SHARDS),
+        model="results/model/model.json",
+        dictionary=dictionary_input,
+    output:
+        metrics="results/eval/{name}/metrics.json",
+        features="results/eval/{name}/features.parquet",
+    params:
+        evaluate=config["evaluate"],
+        hook=HOOK,
+    log:
+        "results/logs/evaluate/{name}.log",
+    benchmark:
+        "results/benchmarks/evaluate/{name}.tsv"
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=60,
+        gpu=1,
+    script:
+        "../scripts/evaluate.py"

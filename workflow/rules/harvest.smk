@@ -1,0 +1,20 @@
+rule harvest:
+    input:
+        tokens="results/tokens/{shard}.zarr",
+        model="results/model/model.json",
+    output:
+        directory("results/activations/{shard}.zarr"),
+    params:
+        harvest=config["harvest"],
+        hook=HOOK,
+    log:
+        "results/logs/harvest/{shard}.log",
+    benchmark:
+        "results/benchmarks/harvest/{shard}.tsv"
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=120,
+        gpu=1,
+    script:
+        "../scripts/harvest.py"

@@ -1,0 +1,42 @@
+if NATIVE:
+
+    rule train_lm:
+        input:
+            train=expand("results/tokens/{shard}.zarr", shard=TRAIN_SHARDS),
+            held_out=expand("results/tokens/{shard}.zarr", shard=EVAL_SHARDS),
+            tokenizer="results/tokenizer/tokenizer_config.json",
+        output:
+            weights="results/model/model.safetensors",
+            spec="results/model/model.json",
+        params:
+            model=config["model"],
+            seed=config["seed"],
+        log:
+            "results/logs/train_lm.log",
+        benchmark:
+            "results/benchmarks/train_lm.tsv"
+        threads: 2
+        resources:
+            mem_mb=6000,
+            runtime=120,
+            gpu=1 if config["model"].get("gpus", 0) else 0,
+        script:
+            "../scripts/train_lm.py"
+
+else:
+
+    rule prepare_model:
+        output:
+            spec="results/model/model.json",
+        params:
+            model=config["model"],
+        log:
+            "results/logs/prepare_model.log",
+        benchmark:
+            "results/benchmarks/prepare_model.tsv"
+        threads: 2
+        resources:
+            mem_mb=16000,
+            runtime=60,
+        script:
+            "../scripts/prepare_model.py"

@@ -1,0 +1,18 @@
+rule report:
+    input:
+        metrics=expand("results/eval/{name}/metrics.json", name=DICTIONARIES),
+        sae_cfgs=expand("results/sae/{name}/cfg.json", name=SAE_NAMES),
+        model="results/model/model.json",
+    output:
+        index="results/report/index.html",
+        summary="results/report/summary.json",
+    params:
+        report=config["report"],
+    log:
+        "results/logs/report.log",
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    script:
+        "../scripts/report.py"

@@ -1,0 +1,11 @@
+from pathlib import Path
+
+from monoscope.corpus import read_shard_texts
+from monoscope.runtime import start_job
+from monoscope.tokenize import save_tokenizer, train_bpe
+
+start_job(snakemake)
+texts = (text for path in snakemake.input for text in read_shard_texts(path))
+tokenizer = train_bpe(texts, snakemake.params.vocab_size)
+save_tokenizer(tokenizer, Path(snakemake.output[0]).parent)
+print(f"trained a byte-level BPE with {len(tokenizer)} tokens")
