@@ -1,0 +1,58 @@
+import pytest
+import yaml
+
+from monoscope.config import SCHEMA_PATH, ConfigError, sae_runs, shard_names, validate_config
+
+
+def test_defaults_fill_every_block():
+    config = validate_config({})
+    assert config["model"]["native"]["d_mlp"] == 512
+    assert config["sae"]["expansion_factors"] == [1, 4, 8]
+    assert config["harvest"]["cname"] == "zstd"
+
+
+def test_every_schema_key_has_description_and_default():
+    def walk(schema, path):
+        for key, sub in schema.get("properties", {}).items():
+            assert "description" in sub, f"{path}{key} has no description"
+            assert "default" in sub, f"{path}{key} has no default"
+            walk(sub, f"{path}{key}.")
+
+    walk(yaml.safe_load(SCHEMA_PATH.read_text()), "")
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ({"sae": {"expansion_factor": [2]}}, "'sae.expansion_factor'"),
+        ({"bogus": 1}, "'bogus'"),
+        ({"sae": {"lr": "fast"}}, "'sae.lr'"),
+        ({"sae": {"lr": -1}}, "'sae.lr'"),
+        ({"sae": {"expansion_factors": []}}, "'sae.expansion_factors'"),
+        ({"corpus": {"n_shards": 4, "n_eval_shards": 4}}, "'corpus.n_eval_shards'"),
+        ({"model": {"hook": "attn.hook_z"}}, "'model.hook'"),
+        ({"model": {"layer": 3}}, "'model.layer'"),
+        ({"corpus": {"source": "files"}}, "'corpus.paths'"),
+        ({"harvest": {"dtype": "int8"}}, "'harvest.dtype'"),
+    ],
+)
+def test_bad_configs_are_rejected_naming_the_key(config, message):
+    with pytest.raises(ConfigError) as error:
+        validate_config(config)
+    assert message in str(error.value)
+
+
+def test_validation_does_not_mutate_input():
+    raw = {"sae": {"expansion_factors": [2]}}
+    validate_config(raw)
+    assert raw == {"sae": {"expansion_factors": [2]}}
+
+
+def test_shards_and_sweep_names():
+    config = validate_config({"corpus": {"n_shards": 5, "n_eval_shards": 2}, "sae": {"expansion_factors": [1, 8], "l1_coefficients": [1e-4, 3e-4]}})
+    assert shard_names(config) == (["train_000", "train_001", "train_002"], ["eval_000", "eval_001"])
+    runs = sae_runs(config)
+    assert sorted(runs) == ["x1_l1-0.0001", "x1_l1-0.0003", "x8_l1-0.0001", "x8_l1-0.0003"]
+    assert runs["x8_l1-0.0003"]["expansion_factor"] == 8
+    assert runs["x8_l1-0.0003"]["l1_coefficient"] == 3e-4
+    assert "expansion_factors" not in runs["x8_l1-0.0003"]

@@ -1,0 +1,87 @@
+import numpy as np
+import pytest
+import zarr
+
+from monoscope import store
+
+
+def _acts(n_seq, context, d, seed=0):
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, 1000, (n_seq, context)).astype(np.int32)
+    acts = rng.normal(size=(n_seq * context, d)).astype(np.float32)
+    return tokens, acts
+
+
+def test_activation_store_round_trip(tmp_path):
+    tokens, acts = _acts(10, 16, 32)
+    path = tmp_path / "s.zarr"
+    store.write_activation_store(path, acts, tokens, {"hook": "blocks.0.mlp.hook_post"}, chunk_tokens=48, dtype="float32")
+    s = store.open_activations(path)
+    assert (s.n_tokens, s.d, s.context, s.n_seq, s.chunk_tokens) == (160, 32, 16, 10, 48)
+    np.testing.assert_array_equal(s.acts[:], acts)
+    np.testing.assert_array_equal(s.tokens, tokens)
+    assert s.attrs["hook"] == "blocks.0.mlp.hook_post"
+    assert s.attrs["codec"] == {"id": "blosc", "cname": "zstd", "clevel": 3, "shuffle": "bitshuffle"}
+    assert s.attrs["format_version"] == store.FORMAT_VERSION
+    # every activation maps back to its token
+    blocks = list(store.iter_sequence_blocks(s, 3))
+    assert [b[0].shape[0] for b in blocks] == [3, 3, 3, 1]
+    np.testing.assert_array_equal(blocks[1][1][2, 5], acts[(3 + 2) * 16 + 5])
+    np.testing.assert_array_equal(blocks[1][0][2, 5], tokens[5, 5])
+
+
+def test_store_is_compressed_with_blosc(tmp_path):
+    tokens, _ = _acts(64, 32, 64)
+    acts = np.maximum(np.random.default_rng(1).normal(size=(64 * 32, 64)), 0).astype(np.float32)  # sparse-ish
+    path = tmp_path / "s.zarr"
+    store.write_activation_store(path, acts, tokens, {}, chunk_tokens=1024, dtype="float16")
+    arr = zarr.open_group(path, mode="r")["acts"]
+    assert "blosc" in type(arr.compressors[0]).__name__.lower()
+    stored = sum(f.stat().st_size for f in (path / "acts").rglob("*") if f.is_file())
+    assert stored < 0.5 * acts.nbytes  # float16 alone gives 0.5; compression must add to it
+
+
+def test_failed_write_leaves_no_store(tmp_path):
+    tokens, acts = _acts(4, 8, 4)
+    path = tmp_path / "s.zarr"
+    with pytest.raises(RuntimeError, match="boom"):
+        with store.ActivationStoreWriter(path, tokens, 4, "float32", 16, {}) as writer:
+            writer.append(acts[:16])
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_short_write_is_rejected_and_leaves_no_store(tmp_path):
+    tokens, acts = _acts(4, 8, 4)
+    path = tmp_path / "s.zarr"
+    with pytest.raises(ValueError, match="expected 32"):
+        with store.ActivationStoreWriter(path, tokens, 4, "float32", 16, {}) as writer:
+            writer.append(acts[:20])
+    assert not path.exists()
+
+
+def test_rewrite_replaces_old_store_whole(tmp_path):
+    path = tmp_path / "s.zarr"
+    tokens, acts = _acts(4, 8, 4)
+    store.write_activation_store(path, acts, tokens, {"v": 1}, 16, "float32")
+    store.write_activation_store(path, acts * 2, tokens, {"v": 2}, 16, "float32")
+    s = store.open_activations(path)
+    assert s.attrs["v"] == 2
+    np.testing.assert_array_equal(s.acts[:], acts * 2)
+
+
+def test_chunks_are_whole_sequences_of_at_least_target_size():
+    chunk = store.chunk_tokens_for(d=512, dtype="float16", context=128, target_mib=1)
+    assert chunk % 128 == 0 and chunk * 512 * 2 >= 2**20
+
+
+def test_token_shard_round_trip_and_errors(tmp_path):
+    tokens, _ = _acts(5, 7, 1)
+    store.write_token_shard(tmp_path / "t.zarr", tokens, {"tokenizer_id": "abc"})
+    read, attrs = store.read_token_shard(tmp_path / "t.zarr")
+    np.testing.assert_array_equal(read, tokens)
+    assert attrs["tokenizer_id"] == "abc"
+    with pytest.raises(ValueError, match="is it a token shard"):
+        store.open_activations(tmp_path / "t.zarr")
+    with pytest.raises(FileNotFoundError, match="no Zarr store"):
+        store.open_activations(tmp_path / "missing.zarr")
