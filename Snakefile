@@ -1,7 +1,9 @@
 # monoscope: dictionary learning on a language model's MLP, features versus neurons.
+import os
+
 # This file is the table of contents; each stage lives in workflow/rules/<stage>.smk.
 
-configfile: "config/config.yaml"
+configfile: os.path.join(workflow.basedir, "config", "config.yaml")
 
 
 include: "workflow/rules/common.smk"

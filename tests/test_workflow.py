@@ -1,0 +1,127 @@
+"""The workflow as users run it: dry-run plans, a tiny end-to-end run, and what reruns when config changes."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from monoscope import store
+
+REPO = Path(__file__).resolve().parents[1]
+SNAKEMAKE = Path(sys.executable).with_name("snakemake")
+TINY = REPO / "tests" / "config" / "tiny.yaml"
+
+
+def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    cmd = [str(SNAKEMAKE), "-s", str(REPO / "Snakefile"), "--directory", str(workdir), "--cores", "2", *args]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+    return result
+
+
+def planned_jobs(workdir: Path, *args: str) -> dict[str, int]:
+    """Rule -> job count from a dry run's job-stats table ({} when there is nothing to do)."""
+    out = snakemake(workdir, "-n", *args).stdout
+    if "Nothing to be done" in out:
+        return {}
+    table = out.split("Job stats:")[1].split("Reasons:")[0]
+    counts = dict(re.findall(r"^(\w+)\s+(\d+)$", table, flags=re.M))
+    counts.pop("total", None)
+    return {rule: int(n) for rule, n in counts.items()}
+
+
+def write_config(path: Path, **overrides) -> Path:
+    config = yaml.safe_load(TINY.read_text())
+    for dotted, value in overrides.items():
+        block = config
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            block = block.setdefault(key, {})
+        block[leaf] = value
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_dry_run_of_a_two_size_sweep_lists_exactly_the_expected_jobs(tmp_path):
+    config = write_config(tmp_path / "c.yaml", **{"sae.expansion_factors": [2, 4], "sae.l1_coefficients": [1e-3]})
+    jobs = planned_jobs(tmp_path, "--configfile", str(config))
+    n_shards, n_eval = 4, 1
+    expected = {
+        "all": 1,
+        "split_corpus": 1,
+        "train_tokenizer": 1,
+        "tokenize_shard": n_shards,
+        "train_lm": 1,
+        "harvest": n_shards,
+        "train_sae": 2,
+        "evaluate": 3,  # two SAEs and the neurons
+        "report": 1,
+    }
+    assert {k: v for k, v in jobs.items() if k in expected} == expected
+    assert set(jobs) - set(expected) <= {"features", "autointerp", "compare_autointerp", "site"}
+
+
+def test_invalid_config_stops_before_any_job_naming_the_key(tmp_path):
+    config = write_config(tmp_path / "c.yaml", **{"corpus.n_eval_shards": 9})
+    result = snakemake(tmp_path, "-n", "--configfile", str(config), check=False)
+    assert result.returncode != 0
+    assert "corpus.n_eval_shards" in result.stdout + result.stderr
+    assert not (tmp_path / "results").exists()
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("tiny")
+    config = write_config(workdir / "c.yaml")
+    snakemake(workdir, "--configfile", str(config))
+    return workdir, config
+
+
+@pytest.mark.workflow
+def test_tiny_end_to_end_outputs_make_sense(tiny_run):
+    workdir, _ = tiny_run
+    results = workdir / "results"
+    summary = json.loads((results / "report" / "summary.json").read_text())
+    by_name = {m["name"]: m for m in summary}
+    assert set(by_name) == {"neurons", "x1_l1-0.001", "x2_l1-0.001"}
+    neurons = by_name["neurons"]
+    assert neurons["reconstruction_score"] == pytest.approx(1.0, abs=1e-3)  # the identity dictionary
+    assert neurons["zero_abl_loss"] > neurons["clean_loss"]
+    for name in ("x1_l1-0.001", "x2_l1-0.001"):
+        m = by_name[name]
+        assert m["d_sae"] == m["d_in"] * int(name[1])
+        assert m["recons_loss"] >= m["clean_loss"] - 0.05
+        assert -1.0 < m["reconstruction_score"] <= 1.0
+        assert 0 < m["l0"] < m["d_sae"]
+        assert 0 <= m["fvu"] <= 1.5
+    index = (results / "report" / "index.html").read_text()
+    assert "x2_l1-0.001" in index and "density.png" in index
+    assert (results / "report" / "density.png").stat().st_size > 1000
+    acts = store.open_activations(results / "activations" / "eval_000.zarr")
+    assert acts.attrs["hook"] == "blocks.0.mlp.hook_post"
+    assert acts.attrs["model_id"].startswith("native:")
+    assert acts.d == 128 and acts.n_tokens == acts.n_seq * acts.context
+    for rule_log in ["train_lm.log", "report.log"]:
+        assert (results / "logs" / rule_log).exists()
+
+
+@pytest.mark.workflow
+def test_rerun_behaviours(tiny_run):
+    workdir, config = tiny_run
+    assert planned_jobs(workdir, "--configfile", str(config)) == {}
+
+    bigger = write_config(workdir / "bigger.yaml", **{"sae.expansion_factors": [1, 2, 4]})
+    assert planned_jobs(workdir, "--configfile", str(bigger)) == {"all": 1, "train_sae": 1, "evaluate": 1, "report": 1}
+
+    sae_changed = write_config(workdir / "lr.yaml", **{"sae.lr": 3e-4})
+    assert planned_jobs(workdir, "--configfile", str(sae_changed)) == {"all": 1, "train_sae": 2, "evaluate": 2, "report": 1}
+
+    model_changed = write_config(workdir / "lm.yaml", **{"model.train.lr": 1e-3})
+    jobs = planned_jobs(workdir, "--configfile", str(model_changed))
+    assert jobs["train_lm"] == 1 and jobs["harvest"] == 4 and jobs["evaluate"] == 3
+    assert "tokenize_shard" not in jobs and "split_corpus" not in jobs
