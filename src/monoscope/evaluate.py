@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from monoscope import models, store
 from monoscope.config import NEURONS, hook_name
+from monoscope.runtime import device
 
 
 def reconstruction_score(clean_loss: float, recons_loss: float, zero_abl_loss: float) -> float:
@@ -79,7 +80,7 @@ def evaluate_dictionary(
     bridge = models.load_model(config, model_dir)
     stores = [store.open_activations(p) for p in eval_stores]
     d_in = stores[0].d
-    dictionary = load_dictionary(name, sae_dir, d_in)
+    dictionary = load_dictionary(name, sae_dir, d_in).to(device())
     stats = FeatureStats(dictionary.d_sae)
     sq_err = sq_dev = 0.0
     act_sum = torch.zeros(d_in, dtype=torch.float64)
@@ -97,12 +98,12 @@ def evaluate_dictionary(
             if n_seq >= budget:
                 break
             tokens, acts = tokens[: budget - n_seq], acts[: budget - n_seq]
-            x = torch.from_numpy(acts).flatten(0, 1)  # [b*s, d_in]
+            x = torch.from_numpy(acts).flatten(0, 1).to(device())  # [b*s, d_in]
             f = dictionary.encode(x)  # [b*s, d_sae]
             x_hat = dictionary.decode(f)
-            stats.update(f)
+            stats.update(f.cpu())
             sq_err += (x - x_hat).pow(2).sum().item()
-            act_sum += x.sum(0, dtype=torch.float64)
+            act_sum += x.sum(0, dtype=torch.float64).cpu()
             act_sq_sum += x.double().pow(2).sum().item()
             batch = torch.from_numpy(tokens).long()
             losses["clean"] += models.loss_with_hook(bridge, batch, hook, None).sum().item()

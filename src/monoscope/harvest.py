@@ -10,6 +10,7 @@ import torch
 from tqdm import tqdm
 
 from monoscope import models, store
+from monoscope.pretrained import run_to_hook
 from monoscope.config import hook_name
 
 
@@ -26,7 +27,7 @@ def harvest_shard(
     if harvest["max_seqs_per_shard"]:
         tokens = tokens[: harvest["max_seqs_per_shard"]]
     bridge = models.load_model(config, model_dir)
-    probe = models.activations_at(bridge, torch.from_numpy(tokens[:1]).long(), hook)
+    probe = run_to_hook(bridge, torch.from_numpy(tokens[:1]).long(), hook)
     d = probe.shape[-1]
     chunk_tokens = store.chunk_tokens_for(d, harvest["dtype"], tokens.shape[1], harvest["chunk_mib"])
     codec = store.CodecSpec(harvest["cname"], harvest["clevel"], harvest["shuffle"])
@@ -42,7 +43,7 @@ def harvest_shard(
         for first in tqdm(range(0, len(tokens), harvest["batch_size"]), desc=f"harvest {Path(out_path).name}", mininterval=10):
             batch = torch.from_numpy(tokens[first : first + harvest["batch_size"]]).long()
             t = time.perf_counter()
-            acts = models.activations_at(bridge, batch, hook)  # [b, s, d]
+            acts = run_to_hook(bridge, batch, hook)  # [b, s, d]
             forward_s += time.perf_counter() - t
             writer.append(acts.flatten(0, 1).float().numpy())
     total_s = time.perf_counter() - start

@@ -19,6 +19,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from monoscope.runtime import device
+
 WEIGHTS = "model.safetensors"
 CONFIG = "model.json"
 
@@ -71,7 +73,7 @@ def _batches(tokens: np.ndarray, batch_size: int, rng: np.random.Generator) -> I
 def held_out_loss(forward: Callable[[torch.Tensor], torch.Tensor], tokens: np.ndarray, batch_size: int) -> float:
     total, count = 0.0, 0
     for start in range(0, len(tokens), batch_size):
-        batch = torch.from_numpy(tokens[start : start + batch_size]).long()
+        batch = torch.from_numpy(tokens[start : start + batch_size]).long().to(device())
         total += next_token_loss(forward(batch), batch).item() * len(batch)
         count += len(batch)
     return total / count
@@ -91,7 +93,7 @@ def train_native(
     torch.manual_seed(config["seed"])
     bridge = boot_native(native, d_vocab, context, config["seed"])
     # The bare module trains ~1.7x faster than the bridge (no hook dispatch); they share parameters.
-    module = bridge.original_model
+    module = bridge.original_model.to(device())
     module.train()
     optimizer = torch.optim.AdamW(module.parameters(), lr=train["lr"], betas=(0.9, 0.95), weight_decay=train["weight_decay"])
     steps = max(1, train["tokens"] // (train["batch_size"] * context))
@@ -102,7 +104,7 @@ def train_native(
     for step in tqdm(range(steps), desc="train_lm", mininterval=10):
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(step, steps, train["lr"], train["warmup_steps"])
-        batch = next(batches)
+        batch = next(batches).to(device())
         loss = next_token_loss(module(batch), batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -128,7 +130,7 @@ def train_native(
 def save_native(bridge, native, d_vocab, context, seed, out_dir, training: dict[str, Any]) -> None:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous() for k, v in bridge.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in bridge.state_dict().items()}
     save_file(state, str(out / WEIGHTS))
     spec = {"source": "native", "native": native, "d_vocab": d_vocab, "context": context, "seed": seed}
     (out / CONFIG).write_text(json.dumps({**spec, "training": training}, indent=1))
@@ -138,7 +140,7 @@ def load_native(model_dir: str | Path):
     spec = json.loads((Path(model_dir) / CONFIG).read_text())
     bridge = boot_native(spec["native"], spec["d_vocab"], spec["context"], spec["seed"])
     bridge.load_state_dict(load_file(str(Path(model_dir) / WEIGHTS)))
-    return bridge.eval()
+    return bridge.to(device()).eval()
 
 
 def load_model(config: dict[str, Any], model_dir: str | Path):
@@ -163,18 +165,9 @@ def model_identity(config: dict[str, Any], model_dir: str | Path) -> str:
 
 
 @torch.no_grad()
-def activations_at(bridge, tokens: torch.Tensor, hook: str) -> torch.Tensor:
-    """tokens [b, s] -> the hook's activation [b, s, d], running only the blocks up to the hooked one."""
-    layer = int(hook.split(".")[1])
-    _, cache = bridge.run_with_cache(tokens, names_filter=lambda name: name == hook, stop_at_layer=layer + 1)
-    if hook not in cache:
-        raise KeyError(f"model has no hook '{hook}'")
-    return cache[hook]
-
-
-@torch.no_grad()
 def loss_with_hook(bridge, tokens: torch.Tensor, hook: str, replace: Callable[[torch.Tensor], torch.Tensor] | None):
     """Mean next-token loss per sequence [b] with the hook's activation replaced by replace(act) (None: clean)."""
+    tokens = tokens.to(device())
     hooks = [] if replace is None else [(hook, lambda act, hook: replace(act))]
     logits = bridge.run_with_hooks(tokens, return_type="logits", fwd_hooks=hooks)
     losses = torch.nn.functional.cross_entropy(

@@ -19,7 +19,7 @@ if NATIVE:
         resources:
             mem_mb=6000,
             runtime=120,
-            gpu=1 if config["model"].get("gpus", 0) else 0,
+            gpu=1,
         script:
             "../scripts/train_lm.py"
 
