@@ -205,3 +205,9 @@ def test_smollm2_loads_offline_caches_its_weights_and_predicts_english(tmp_path,
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_gguf)
     again, _ = pretrained.load_pretrained(SMOLLM2, tmp_path)
     torch.testing.assert_close(pretrained.run_to_hook(again, tokens, f"blocks.{SMOLLM2['layer']}.mlp.hook_post"), acts)
+
+
+def test_tl_legacy_model_missing_fails_at_once_naming_it(hub_cache, tmp_path):
+    cfg = {"source": "tl_legacy", "name": "NeelNanda/monoscope-no-such-model", "revision": None}
+    with pytest.raises(pretrained.HubUnavailableError, match="NeelNanda/monoscope-no-such-model"):
+        pretrained.load_pretrained(cfg, tmp_path)

@@ -77,6 +77,18 @@ def hub_snapshot(repo_id: str, repo_type: str = "model", revision: str | None = 
         raise HubUnavailableError(hub_unavailable_message(repo_id, repo_type, revision, e)) from e
 
 
+def _hub_unreachable() -> str | None:
+    """Why the hub cannot be reached right now (one request, 5 s at most), or None when it can."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    try:
+        get_session().head(constants.ENDPOINT, timeout=5)
+    except Exception as e:  # offline mode, DNS, proxy, TLS: all mean the same here
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
 # ---------------------------------------------------------------------------------------------
 # Identity: what a store's provenance records, so a changed model invalidates what depends on it.
 
@@ -209,8 +221,11 @@ def _hf_folder(model_cfg: dict[str, Any], cache_dir: str | Path) -> Path:
     return hub_snapshot(name, "model", model_cfg.get("revision"), HUB_MODEL_FILES)
 
 
-def load_tokenizer(model_cfg: dict[str, Any], cache_dir: str | Path):
-    """The model's own Hugging Face tokenizer, without loading the weights (gguf: dequantised once)."""
+def load_tokenizer(model_cfg: dict[str, Any], cache_dir: str | Path | None = None):
+    """The model's own Hugging Face tokenizer, without loading the weights.
+
+    gguf: from the dequantised copy in cache_dir when it exists, else straight from the GGUF (~8 s).
+    """
     from transformers import AutoTokenizer
 
     if model_cfg.get("tokenizer_name"):
@@ -221,6 +236,9 @@ def load_tokenizer(model_cfg: dict[str, Any], cache_dir: str | Path):
         hub_snapshot(model_cfg["name"], "model", model_cfg.get("revision"), ["config.json"])
         tokenizer_repo = derive_tl_legacy_config(model_cfg["name"]).tokenizer_name
         return AutoTokenizer.from_pretrained(str(hub_snapshot(tokenizer_repo, "model", None, HUB_MODEL_FILES)))
+    if model_cfg["source"] == "gguf" and (cache_dir is None or not dequantised_dir(model_cfg, cache_dir).is_dir()):
+        path = gguf_path(model_cfg)
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     return AutoTokenizer.from_pretrained(str(_hf_folder(model_cfg, cache_dir)))
 
 
@@ -236,15 +254,20 @@ def load_pretrained(model_cfg: dict[str, Any], cache_dir: str | Path):
     source, name, dtype = model_cfg["source"], model_cfg["name"], _dtype(model_cfg)
     if source not in SOURCES:
         raise ValueError(f"model.source: '{source}' is not a pretrained source ({', '.join(SOURCES)})")
-    tokenizer = load_tokenizer(model_cfg, cache_dir)
     if source == "tl_legacy":
-        hub_snapshot(name, "model", model_cfg.get("revision"), ["config.json"])
-        try:
-            bridge = TransformerBridge.boot_tl_legacy(name, dtype=dtype, tokenizer=tokenizer)
-        except OSError as e:  # TL4's legacy loader lists the repo's files online even when they are cached
-            raise HubUnavailableError(hub_unavailable_message(name, "model", model_cfg.get("revision"), e)) from e
+        tokenizer = load_tokenizer(model_cfg, cache_dir)
+        # TL4's legacy loader lists the repo's files on the hub even when they are all cached, and
+        # retries for ~20 s when it cannot: ask once, quickly, instead.
+        unreachable = _hub_unreachable()
+        if unreachable:
+            raise HubUnavailableError(
+                hub_unavailable_message(name, "model", model_cfg.get("revision"), unreachable)
+                + "\nmodel.source tl_legacy needs the hub even when the files are cached."
+            )
+        bridge = TransformerBridge.boot_tl_legacy(name, dtype=dtype, tokenizer=tokenizer)
         return bridge.eval(), tokenizer
     hf_model = AutoModelForCausalLM.from_pretrained(str(_hf_folder(model_cfg, cache_dir)), dtype=dtype)
+    tokenizer = load_tokenizer(model_cfg, cache_dir)
     bridge = TransformerBridge.boot_transformers(name, hf_model=hf_model, tokenizer=tokenizer, dtype=dtype)
     return bridge.eval(), tokenizer
 
