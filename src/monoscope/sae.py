@@ -1,0 +1,285 @@
+"""Sparse autoencoders: one model file for every architecture monoscope trains.
+
+    x       [..., d_in]   raw activations of the hooked layer
+    x_n     [..., d_in]   x * norm_scale, so that E||x_n||^2 = d_in over the training data
+    pre     [..., d_sae]  (x_n - b_dec) @ W_enc + b_enc
+    f       [..., d_sae]  features: nonlinearity(pre) >= 0
+    x_hat_n [..., d_in]   f @ W_dec + b_dec; x_hat = x_hat_n / norm_scale
+
+Architectures (all share the parameters above; decoder rows are kept at unit norm by the trainer):
+    relu       Towards Monosemanticity (Bricken et al. 2023): f = ReLU(pre), loss = MSE + λ·L1.
+    topk       Gao et al. 2024: keep the k largest pre-activations per token; AuxK revives dead latents.
+    batchtopk  Bussmann et al. 2024: keep the k·B largest over a batch of B tokens in training; a
+               learned global threshold replaces the batch at inference.
+    jumprelu   Rajamanoharan et al. 2024: f = pre·H(pre - θ) per feature, L0 penalty trained through
+               straight-through estimators with a rectangle kernel.
+
+`encode` and `decode` take and return raw activations; the `*_normalized` variants are what the
+trainer uses. The checkpoint is `sae.safetensors` + `cfg.json` with everything needed to rebuild it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from monoscope import __version__
+
+ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu")
+WEIGHTS_FILE = "sae.safetensors"
+CONFIG_FILE = "cfg.json"
+
+
+@dataclass
+class SAEConfig:
+    d_in: int
+    d_sae: int
+    architecture: str = "relu"
+    k: int = 32  # topk: active features per token; batchtopk: per token on average over a batch
+    jumprelu_bandwidth: float = 0.001  # ε, width of the rectangle kernel of the threshold pseudo-gradient
+    jumprelu_init_threshold: float = 0.001  # θ at initialisation
+    norm_scale: float = 1.0  # constant computed once from the data: x_n = x * norm_scale
+    # Provenance: what produced these weights.
+    hyperparameters: dict[str, Any] = field(default_factory=dict)
+    tokens_seen: int = 0
+    source_stores: list[str] = field(default_factory=list)
+    source_attrs: dict[str, Any] = field(default_factory=dict)
+    package_version: str = __version__
+
+    def __post_init__(self):
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"unknown SAE architecture {self.architecture!r}; expected one of {ARCHITECTURES}")
+        if self.d_in < 1 or self.d_sae < 1:
+            raise ValueError(f"SAE sizes must be positive, got d_in={self.d_in}, d_sae={self.d_sae}")
+        if self.architecture in ("topk", "batchtopk") and not 1 <= self.k <= self.d_sae:
+            raise ValueError(f"k={self.k} must lie in [1, d_sae={self.d_sae}] for {self.architecture}")
+
+
+class _JumpReLU(torch.autograd.Function):
+    """pre·H(pre - θ); d/dpre = H(pre - θ), d/dθ = -(θ/ε)·K((pre - θ)/ε) with K the unit rectangle."""
+
+    @staticmethod
+    def forward(ctx, pre, threshold, bandwidth):
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return pre * (pre > threshold)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        pre, threshold = ctx.saved_tensors
+        eps = ctx.bandwidth
+        in_window = ((pre - threshold).abs() < eps / 2).to(pre.dtype)
+        grad_pre = grad_out * (pre > threshold)
+        grad_threshold = (grad_out * -(threshold / eps) * in_window).sum_to_size(threshold.shape)
+        return grad_pre, grad_threshold, None
+
+
+class _Step(torch.autograd.Function):
+    """H(pre - θ) with d/dθ = -(1/ε)·K((pre - θ)/ε): the L0 penalty's only path to θ."""
+
+    @staticmethod
+    def forward(ctx, pre, threshold, bandwidth):
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return (pre > threshold).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        pre, threshold = ctx.saved_tensors
+        eps = ctx.bandwidth
+        in_window = ((pre - threshold).abs() < eps / 2).to(pre.dtype)
+        grad_threshold = (grad_out * -(1.0 / eps) * in_window).sum_to_size(threshold.shape)
+        return None, grad_threshold, None
+
+
+class SAE(nn.Module):
+    def __init__(self, cfg: SAEConfig, generator: torch.Generator | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.d_in, self.d_sae = cfg.d_in, cfg.d_sae
+        self.W_enc = nn.Parameter(torch.empty(cfg.d_in, cfg.d_sae))  # [d_in, d_sae]
+        self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))  # [d_sae]
+        self.W_dec = nn.Parameter(torch.empty(cfg.d_sae, cfg.d_in))  # [d_sae, d_in], unit-norm rows
+        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))  # [d_in], also the pre-encoder bias
+        if cfg.architecture == "jumprelu":
+            self.log_threshold = nn.Parameter(torch.full((cfg.d_sae,), math.log(cfg.jumprelu_init_threshold)))
+        if cfg.architecture == "batchtopk":
+            # Inference threshold, estimated in training from the batch top-k selections.
+            self.register_buffer("threshold", torch.tensor(0.0))
+        self.reset_parameters(generator)
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        # Random unit decoder directions, encoder tied to the decoder's transpose at the start
+        # (Gao et al. 2024; Anthropic's April 2024 update): far fewer dead features early on.
+        self.W_dec.copy_(torch.randn(self.d_sae, self.d_in, generator=generator))
+        self.W_dec /= self.W_dec.norm(dim=1, keepdim=True)
+        self.W_enc.copy_(self.W_dec.T)
+        self.b_enc.zero_()
+        self.b_dec.zero_()
+
+    # --- the model, in the normalised space -------------------------------------------------------
+
+    def pre_activations(self, x_n: torch.Tensor) -> torch.Tensor:
+        return (x_n - self.b_dec) @ self.W_enc + self.b_enc  # [..., d_sae]
+
+    def activation(self, pre: torch.Tensor) -> torch.Tensor:
+        arch = self.cfg.architecture
+        if arch == "relu":
+            return F.relu(pre)
+        if arch == "topk":
+            values, indices = pre.topk(self.cfg.k, dim=-1, sorted=False)  # [..., k]
+            return torch.zeros_like(pre).scatter_(-1, indices, F.relu(values))
+        if arch == "batchtopk":
+            if self.training:
+                flat = F.relu(pre).reshape(-1, self.d_sae)  # [B, d_sae]
+                n_keep = min(self.cfg.k * flat.shape[0], flat.numel())
+                values, indices = flat.flatten().topk(n_keep, sorted=False)
+                return torch.zeros_like(flat).flatten().scatter_(0, indices, values).reshape(pre.shape)
+            return pre * (pre > self.threshold)
+        threshold = self.log_threshold.exp()  # jumprelu
+        return _JumpReLU.apply(pre, threshold, self.cfg.jumprelu_bandwidth)
+
+    def encode_normalized(self, x_n: torch.Tensor) -> torch.Tensor:
+        return self.activation(self.pre_activations(x_n))
+
+    def decode_normalized(self, f: torch.Tensor) -> torch.Tensor:
+        return f @ self.W_dec + self.b_dec  # [..., d_in]
+
+    # --- raw activations in and out ---------------------------------------------------------------
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encode_normalized(x * self.cfg.norm_scale)
+
+    def decode(self, f: torch.Tensor) -> torch.Tensor:
+        return self.decode_normalized(f) / self.cfg.norm_scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(x))
+
+    # --- training objective -----------------------------------------------------------------------
+
+    def training_losses(
+        self,
+        x_n: torch.Tensor,  # [B, d_in], normalised
+        sparsity_coefficient: float,
+        dead: torch.Tensor | None = None,  # [d_sae] bool: latents AuxK should revive (topk, batchtopk)
+        auxk_alpha: float = 1 / 32,
+        aux_k: int = 256,
+    ) -> dict[str, torch.Tensor]:
+        """Loss terms, each a mean over tokens; `loss` is what to minimise.
+
+        mse is the squared error summed over d_in; with E||x_n||^2 = d_in it is comparable across
+        layers and models. The sparsity term is λ·L1 (relu; decoder rows have unit norm, so this is
+        Anthropic's λ·Σ f_i·||W_dec,i||), λ·L0 (jumprelu), or nothing (topk, batchtopk: k fixes L0).
+        """
+        pre = self.pre_activations(x_n)  # [B, d_sae]
+        f = self.activation(pre)  # [B, d_sae]
+        x_hat = self.decode_normalized(f)  # [B, d_in]
+        error = x_n - x_hat  # [B, d_in]
+        mse = error.pow(2).sum(-1).mean()
+        arch = self.cfg.architecture
+        terms = {"mse": mse}
+        if arch == "relu":
+            terms["l1"] = f.sum(-1).mean()
+            loss = mse + sparsity_coefficient * terms["l1"]
+        elif arch == "jumprelu":
+            threshold = self.log_threshold.exp()
+            terms["l0_penalty"] = _Step.apply(pre, threshold, self.cfg.jumprelu_bandwidth).sum(-1).mean()
+            loss = mse + sparsity_coefficient * terms["l0_penalty"]
+        else:
+            loss = mse
+            if dead is not None and auxk_alpha > 0 and bool(dead.any()):
+                terms["auxk"] = self._auxk_loss(pre, error, dead, aux_k)
+                loss = loss + auxk_alpha * terms["auxk"]
+            if arch == "batchtopk" and self.training:
+                self._update_threshold(f)
+        terms["loss"] = loss
+        terms["f"] = f.detach()
+        return terms
+
+    def _auxk_loss(self, pre, error, dead, aux_k) -> torch.Tensor:
+        """Reconstruct the main model's error from the top aux_k dead latents (Gao et al. 2024, A.2)."""
+        k = min(aux_k, int(dead.sum()))
+        dead_pre = pre.masked_fill(~dead, float("-inf"))  # [B, d_sae]
+        values, indices = dead_pre.topk(k, dim=-1, sorted=False)  # [B, k]
+        f_aux = torch.zeros_like(pre).scatter_(-1, indices, F.relu(values))
+        error_hat = f_aux @ self.W_dec  # [B, d_in]; no bias: it reconstructs a residual
+        error = error.detach()
+        return (error - error_hat).pow(2).sum() / error.pow(2).sum().clamp_min(1e-12)
+
+    @torch.no_grad()
+    def _update_threshold(self, f: torch.Tensor, momentum: float = 0.99) -> None:
+        """EMA of the smallest activation the batch top-k kept (Bussmann et al. 2024)."""
+        kept = f[f > 0]
+        if kept.numel():
+            smallest = kept.min()
+            if self.threshold <= 0:
+                self.threshold.copy_(smallest)
+            else:
+                self.threshold.mul_(momentum).add_((1 - momentum) * smallest)
+
+    # --- unit-norm decoder ------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def remove_parallel_decoder_grad(self) -> None:
+        """Drop the gradient component along each decoder row: the step then (nearly) keeps the norm."""
+        if self.W_dec.grad is not None:
+            parallel = (self.W_dec.grad * self.W_dec).sum(-1, keepdim=True)  # [d_sae, 1]
+            self.W_dec.grad -= parallel * self.W_dec
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+    # --- checkpoint -------------------------------------------------------------------------------
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """Write sae.safetensors + cfg.json into `directory` (each file via a temp name and rename)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {name: t.detach().to("cpu", torch.float32).contiguous() for name, t in self.state_dict().items()}
+        tmp = directory / f".{WEIGHTS_FILE}.tmp-{os.getpid()}"
+        save_file(tensors, str(tmp), metadata={"format": "pt", "architecture": self.cfg.architecture})
+        os.replace(tmp, directory / WEIGHTS_FILE)
+        tmp = directory / f".{CONFIG_FILE}.tmp-{os.getpid()}"
+        tmp.write_text(json.dumps(asdict(self.cfg), indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, directory / CONFIG_FILE)
+
+
+def load_dictionary(path: str | os.PathLike, device: str | torch.device = "cpu") -> SAE:
+    """Rebuild an SAE from a directory holding sae.safetensors + cfg.json; returned in eval mode."""
+    path = Path(path)
+    for name in (WEIGHTS_FILE, CONFIG_FILE):
+        if not (path / name).exists():
+            raise FileNotFoundError(f"SAE checkpoint {path} has no {name}")
+    cfg = SAEConfig(**json.loads((path / CONFIG_FILE).read_text()))
+    sae = SAE(cfg)
+    sae.load_state_dict(load_file(str(path / WEIGHTS_FILE)))
+    return sae.to(device).eval()
+
+
+class IdentityDictionary(nn.Module):
+    """The neurons as a dictionary: features are the activations themselves."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.d_in = self.d_sae = d
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def decode(self, f: torch.Tensor) -> torch.Tensor:
+        return f
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x

@@ -1,0 +1,551 @@
+"""Train sparse autoencoders on a stream of activation batches.
+
+The loop knows nothing of language models: it draws float32 [batch, d_in] tensors from
+`batches(start)`, a function that yields the batches from number `start` on (so a resumed run
+draws exactly the batches an uninterrupted one would). Several SAEs can share one pass over the
+data (an L1 sweep at one size, say): each gets the same batches, its own optimiser parameter group,
+schedules and resampling.
+
+The recipe (Bricken et al. 2023, "Towards Monosemanticity"), every number a TrainConfig field:
+  - inputs scaled by one constant so that E||x||^2 = d_in over a sample of the data;
+  - b_dec initialised to the geometric median of that sample;
+  - decoder rows at unit norm: gradient parallel to each row removed before the Adam step,
+    rows renormalised after it;
+  - L1 penalty with an optional linear warm-up; learning rate with linear warm-up and a linear
+    decay to zero at the end, both pure functions of the step;
+  - neuron resampling at `resample_steps`.
+
+Runs under `accelerate launch` (DDP) as is: every process draws its own share of each global batch
+(see monoscope.loader), gradients are averaged, and everything else (firing statistics, resampling
+inputs) is reduced so that every process makes the same decisions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from monoscope.sae import SAE, SAEConfig
+
+log = logging.getLogger(__name__)
+
+BatchSource = Callable[[int], Iterator[torch.Tensor]]  # start batch -> this process's batches from there
+CHECKPOINT_FILE = "checkpoint.pt"
+LOG_FILE = "train_log.jsonl"
+
+
+@dataclass
+class TrainConfig:
+    """One SAE's hyper-parameters: the `sae` config section resolved for one run."""
+
+    architecture: str = "relu"  # relu | topk | batchtopk | jumprelu (see monoscope.sae)
+    expansion_factor: int = 8  # d_sae = expansion_factor * d_in
+    l1_coefficient: float = 5.0  # λ: L1 weight for relu, L0 weight for jumprelu, unused by topk/batchtopk
+    k: int = 32  # topk / batchtopk: active features per token
+    auxk_alpha: float = 1 / 32  # topk / batchtopk: weight of the AuxK loss (Gao et al. 2024)
+    aux_k: int | None = None  # dead latents AuxK uses per token; None: d_in // 2
+    dead_window_tokens: int = 10_000_000  # a feature silent this long is dead (AuxK, logged dead_fraction)
+    jumprelu_bandwidth: float = 0.001  # jumprelu: ε of the straight-through estimators
+    jumprelu_init_threshold: float = 0.001  # jumprelu: initial θ
+    lr: float = 1e-4  # Adam learning rate
+    beta1: float = 0.9
+    beta2: float = 0.99
+    batch_size: int = 1024  # activation vectors per step, over all processes
+    train_tokens: int = 2_000_000  # activation vectors seen in training (several epochs if needed)
+    lr_warmup_fraction: float = 0.0  # of the steps: linear warm-up of the learning rate from 0
+    lr_decay_fraction: float = 0.2  # of the steps: linear decay of the learning rate to 0 at the end
+    l1_warmup_fraction: float = 0.05  # of the steps: linear warm-up of λ from 0
+    resample_steps: list[int] = field(default_factory=lambda: [25_000, 50_000, 75_000, 100_000])
+    resample_window: int = 12_500  # steps: features that did not fire in this window are resampled
+    resample_inputs: int = 819_200  # inputs scored to choose the new directions
+    resample_encoder_scale: float = 0.2  # new encoder row norm = this * mean alive encoder row norm
+    norm_sample_tokens: int = 65_536  # tokens for the normalisation constant and the geometric median
+    checkpoint_every: int = 1_000  # steps between resumable checkpoints
+    log_every: int = 50  # steps between train_log.jsonl rows
+    max_loss_ratio: float = 100.0  # stop as diverged when the loss exceeds this times its lowest logged value
+    buffer_tokens: int = 262_144  # mixing buffer of the loader, over all its streams
+    loader_streams: int = 8  # fixed, so 1 or N processes see the same batches; must divide batch_size
+    seed: int = 0
+    gpus: int = 0  # processes for `accelerate launch` (read by the Snakemake rule)
+    train_jointly: bool = False  # train every SAE of the sweep in one job, one pass over the data
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown SAE training keys {unknown}; known keys: {sorted(known)}")
+        cfg = cls(**values)
+        if cfg.batch_size % cfg.loader_streams:
+            raise ValueError(f"sae.batch_size={cfg.batch_size} must be a multiple of sae.loader_streams={cfg.loader_streams}")
+        return cfg
+
+    @property
+    def total_steps(self) -> int:
+        return math.ceil(self.train_tokens / self.batch_size)
+
+
+# --- schedules: pure functions of the step ------------------------------------------------------
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up over the first lr_warmup_fraction of steps, linear decay to 0 over the last lr_decay_fraction."""
+    total = cfg.total_steps
+    warmup = round(cfg.lr_warmup_fraction * total)
+    decay = round(cfg.lr_decay_fraction * total)
+    scale = 1.0
+    if step < warmup:
+        scale = (step + 1) / warmup
+    if decay and step >= total - decay:
+        scale = min(scale, (total - step) / decay)
+    return cfg.lr * scale
+
+
+def sparsity_at(step: int, cfg: TrainConfig) -> float:
+    """λ, warmed up linearly from 0 over the first l1_warmup_fraction of steps."""
+    warmup = round(cfg.l1_warmup_fraction * cfg.total_steps)
+    return cfg.l1_coefficient * min(1.0, (step + 1) / warmup) if warmup else cfg.l1_coefficient
+
+
+# --- statistics of the data ---------------------------------------------------------------------
+
+
+def norm_scale_for(x: torch.Tensor) -> float:
+    """The constant c with E||c·x||^2 = d_in over the sample x [n, d_in]."""
+    return math.sqrt(x.shape[1] / x.double().pow(2).sum(1).mean().item())
+
+
+def geometric_median(x: torch.Tensor, iterations: int = 100, tol: float = 1e-6) -> torch.Tensor:
+    """argmin_y Σ ||x_i - y|| over x [n, d], by Weiszfeld's iterations."""
+    x = x.double()
+    y = x.mean(0)
+    for _ in range(iterations):
+        weights = 1.0 / (x - y).norm(dim=1).clamp_min(1e-12)  # [n]
+        y_next = (weights[:, None] * x).sum(0) / weights.sum()
+        moved = (y_next - y).norm()
+        y = y_next
+        if moved <= tol * y.norm().clamp_min(1e-12):
+            break
+    return y.float()
+
+
+# --- the training state -------------------------------------------------------------------------
+
+
+class _Objective(nn.Module):
+    """Every SAE of the job behind one forward, so DDP reduces all gradients in one pass."""
+
+    def __init__(self, saes: Sequence[SAE]):
+        super().__init__()
+        self.saes = nn.ModuleList(saes)
+
+    def forward(self, x_n, coefficients, dead_masks, cfgs):
+        terms = [
+            sae.training_losses(x_n, coefficient, dead, cfg.auxk_alpha, cfg.aux_k or sae.d_in // 2)
+            for sae, coefficient, dead, cfg in zip(self.saes, coefficients, dead_masks, cfgs)
+        ]
+        return sum(t["loss"] for t in terms), terms
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+@dataclass
+class _Progress:
+    step: int = 0
+    batches_drawn: int = 0
+    best_loss: list[float] = field(default_factory=list)
+
+
+def _fingerprint(runs: dict[str, dict[str, Any]], sources: Sequence[str], d_in: int) -> str:
+    blob = json.dumps({"runs": runs, "sources": list(sources), "d_in": d_in}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(obj, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class Trainer:
+    """Trains the SAEs of `runs` (name -> hyper-parameters) together on one stream of batches."""
+
+    def __init__(
+        self,
+        runs: dict[str, dict[str, Any]],
+        d_in: int,
+        batches: BatchSource,
+        resume_dir: str | os.PathLike,
+        source_stores: Sequence[str] = (),
+        source_attrs: dict[str, Any] | None = None,
+        accelerator=None,
+        show_progress: bool = True,
+    ):
+        from accelerate import Accelerator
+
+        if not runs:
+            raise ValueError("no SAE to train")
+        self.names = list(runs)
+        self.runs = runs
+        self.cfgs = [TrainConfig.from_dict(runs[n]) for n in self.names]
+        shared = ("batch_size", "train_tokens", "seed", "norm_sample_tokens", "buffer_tokens", "loader_streams")
+        for key in shared:
+            values = {getattr(c, key) for c in self.cfgs}
+            if len(values) > 1:
+                raise ValueError(f"SAEs trained in one job must share sae.{key}; got {sorted(values)}")
+        self.cfg0 = self.cfgs[0]
+        self.d_in = d_in
+        self.batches = batches
+        self.resume_dir = Path(resume_dir)
+        self.sources = [str(s) for s in source_stores]
+        self.source_attrs = source_attrs or {}
+        self.acc = accelerator or Accelerator()
+        self.device = self.acc.device
+        self.world = self.acc.num_processes
+        self.show_progress = show_progress and self.acc.is_main_process
+        self.fingerprint = _fingerprint(runs, self.sources, d_in)
+        self.generator = torch.Generator().manual_seed(self.cfg0.seed)  # resampling draws
+
+        self.saes = [
+            SAE(
+                SAEConfig(
+                    d_in=d_in,
+                    d_sae=cfg.expansion_factor * d_in,
+                    architecture=cfg.architecture,
+                    k=cfg.k,
+                    jumprelu_bandwidth=cfg.jumprelu_bandwidth,
+                    jumprelu_init_threshold=cfg.jumprelu_init_threshold,
+                    hyperparameters=runs[name],
+                    source_stores=self.sources,
+                    source_attrs=self.source_attrs,
+                ),
+                generator=torch.Generator().manual_seed(cfg.seed),
+            ).to(self.device)
+            for name, cfg in zip(self.names, self.cfgs)
+        ]
+        self.optimizer = torch.optim.Adam(
+            [{"params": list(s.parameters()), "lr": c.lr, "betas": (c.beta1, c.beta2)} for s, c in zip(self.saes, self.cfgs)]
+        )
+        # Tokens since each feature last fired, per SAE: dead features for AuxK, resampling, logs.
+        self.since_fired = [torch.zeros(s.d_sae, dtype=torch.long, device=self.device) for s in self.saes]
+        self.fired_interval = [torch.zeros(s.d_sae, dtype=torch.bool, device=self.device) for s in self.saes]
+        self.progress = _Progress(best_loss=[math.inf] * len(self.saes))
+        self.objective = self.acc.prepare_model(_Objective(self.saes))
+
+    # --- checkpoints ------------------------------------------------------------------------------
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.resume_dir / CHECKPOINT_FILE
+
+    @property
+    def log_path(self) -> Path:
+        return self.resume_dir / LOG_FILE
+
+    def save_checkpoint(self) -> None:
+        self.acc.wait_for_everyone()
+        if self.acc.is_main_process:
+            state = {
+                "fingerprint": self.fingerprint,
+                "progress": asdict(self.progress),
+                "saes": [s.state_dict() for s in self.saes],
+                "norm_scales": [s.cfg.norm_scale for s in self.saes],
+                "optimizer": self.optimizer.state_dict(),
+                "since_fired": [t.cpu() for t in self.since_fired],
+                "fired_interval": [t.cpu() for t in self.fired_interval],
+                "torch_rng": torch.get_rng_state(),
+                "generator": self.generator.get_state(),
+            }
+            _atomic_torch_save(state, self.checkpoint_path)
+        self.acc.wait_for_everyone()
+
+    def try_resume(self) -> bool:
+        if not self.checkpoint_path.exists():
+            return False
+        state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=False)
+        if state["fingerprint"] != self.fingerprint:
+            log.warning("ignoring %s: written for other hyper-parameters or data", self.checkpoint_path)
+            return False
+        for sae, weights, scale in zip(self.saes, state["saes"], state["norm_scales"]):
+            sae.load_state_dict(weights)
+            sae.cfg.norm_scale = scale
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.since_fired = [t.to(self.device) for t in state["since_fired"]]
+        self.fired_interval = [t.to(self.device) for t in state["fired_interval"]]
+        torch.set_rng_state(state["torch_rng"])
+        self.generator.set_state(state["generator"])
+        self.progress = _Progress(**state["progress"])
+        if self.acc.is_main_process and self.log_path.exists():  # drop rows logged after the checkpoint
+            rows = [line for line in self.log_path.read_text().splitlines() if json.loads(line)["step"] <= self.progress.step]
+            self.log_path.write_text("".join(r + "\n" for r in rows))
+        log.info("resumed from %s at step %d", self.checkpoint_path, self.progress.step)
+        return True
+
+    def _log_rows(self, rows: list[dict[str, Any]]) -> None:
+        if self.acc.is_main_process:
+            with open(self.log_path, "a") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rows)
+
+    # --- initialisation from the data -------------------------------------------------------------
+
+    def _gather_rows(self, local: torch.Tensor) -> torch.Tensor:
+        """[n_batches, b, ...] per process -> [n_batches * world * b, ...], batch-major like one process would see."""
+        gathered = self.acc.gather(local.contiguous()[None]) if self.world > 1 else local[None]  # [world, n, b, ...]
+        return gathered.transpose(0, 1).flatten(0, 2)
+
+    @torch.no_grad()
+    def initialise_from_data(self) -> None:
+        n_batches = max(1, math.ceil(self.cfg0.norm_sample_tokens / self.cfg0.batch_size))
+        it = self.batches(0)
+        sample = torch.stack([next(it) for _ in range(n_batches)]).to(self.device)  # [n, b, d_in]
+        it.close()
+        sample = self._gather_rows(sample).float()  # [n * B, d_in]
+        scale = norm_scale_for(sample)
+        median = geometric_median(sample * scale)
+        for sae in self.saes:
+            sae.cfg.norm_scale = scale
+            sae.b_dec.copy_(median.to(self.device))
+
+    # --- resampling -------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def resample(self, data: Iterator[torch.Tensor], index: int) -> list[dict[str, Any]]:
+        """Re-initialise the features of SAE `index` that did not fire in the last resample_window steps."""
+        cfg, sae = self.cfgs[index], self.saes[index]
+        dead = self.since_fired[index] >= cfg.resample_window * cfg.batch_size  # [d_sae]
+        n_dead = int(dead.sum())
+        row = {"event": "resample", "sae": self.names[index], "step": self.progress.step, "resampled": n_dead}
+        if n_dead == 0:
+            return [row]
+        n_batches = max(1, math.ceil(cfg.resample_inputs / cfg.batch_size))
+        inputs, losses = [], []
+        for _ in range(n_batches):
+            x_n = next(data).to(self.device) * sae.cfg.norm_scale  # [b, d_in]
+            self.progress.batches_drawn += 1
+            x_hat = sae.decode_normalized(sae.encode_normalized(x_n))
+            inputs.append(x_n)
+            losses.append((x_n - x_hat).pow(2).sum(-1))  # [b]
+        inputs = torch.stack(inputs)  # [n, b, d_in]
+        weights = self._gather_rows(torch.stack(losses)).double()  # [n * B], same order on every process
+        if weights.sum() <= 0:
+            weights = torch.ones_like(weights)
+        chosen = torch.multinomial(weights.cpu(), n_dead, replacement=True, generator=self.generator).to(self.device)
+        # Every process holds a slice of each global batch; pick the chosen rows it owns, sum over processes.
+        b = inputs.shape[1]
+        batch, rank, offset = chosen // (self.world * b), (chosen // b) % self.world, chosen % b
+        picked = torch.where(
+            (rank == self.acc.process_index)[:, None], inputs[batch, offset], torch.zeros((), device=self.device)
+        )  # [n_dead, d_in]
+        if self.world > 1:
+            picked = self.acc.reduce(picked, reduction="sum")
+        directions = picked / picked.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        alive = ~dead
+        enc_norm = sae.W_enc[:, alive].norm(dim=0).mean() if alive.any() else torch.tensor(1.0, device=self.device)
+        sae.W_dec[dead] = directions
+        sae.W_enc[:, dead] = directions.T * (enc_norm * cfg.resample_encoder_scale)
+        sae.b_enc[dead] = 0.0
+        for param, rows in ((sae.W_dec, dead), (sae.b_enc, dead), (sae.W_enc, (slice(None), dead))):
+            state = self.optimizer.state.get(param, {})
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in state:
+                    state[key][rows] = 0.0
+        self.since_fired[index][dead] = 0
+        return [row]
+
+    # --- the loop ---------------------------------------------------------------------------------
+
+    def train(self) -> list[SAE]:
+        self.resume_dir.mkdir(parents=True, exist_ok=True)
+        if not self.try_resume():
+            if self.acc.is_main_process and self.log_path.exists():
+                self.log_path.unlink()
+            self.initialise_from_data()
+            self.progress = _Progress(best_loss=[math.inf] * len(self.saes))
+        total = self.cfg0.total_steps
+        data = self.batches(self.progress.batches_drawn)
+        sums = self._zero_sums()
+        bar = tqdm(total=total, initial=self.progress.step, disable=not self.show_progress, unit="step", mininterval=5)
+        while self.progress.step < total:
+            x = next(data).to(self.device, non_blocking=True)
+            self.progress.batches_drawn += 1
+            terms = self._train_step(x)
+            self._accumulate(sums, x, terms)
+            self.progress.step += 1
+            bar.update()
+            step = self.progress.step
+            rows = []
+            for i, cfg in enumerate(self.cfgs):
+                if step in cfg.resample_steps:
+                    rows += self.resample(data, i)
+            if step % self.cfg0.log_every == 0 or step == total:
+                rows += self._log_interval(sums)
+                sums = self._zero_sums()
+            self._log_rows(rows)
+            if step % self.cfg0.checkpoint_every == 0 and step < total:
+                if sums["n"]:  # never checkpoint weights whose loss has not been checked
+                    self._log_rows(self._log_interval(sums))
+                    sums = self._zero_sums()
+                self.save_checkpoint()
+        bar.close()
+        data.close()
+        tokens = total * self.cfg0.batch_size
+        for sae in self.saes:
+            sae.cfg.tokens_seen = tokens
+        return self.saes
+
+    @torch.no_grad()
+    def _update_firing(self, terms) -> None:
+        for i, t in enumerate(terms):
+            fired = (t["f"] > 0).any(0)  # [d_sae]
+            if self.world > 1:
+                fired = self.acc.reduce(fired.float(), reduction="sum") > 0
+            self.since_fired[i] = torch.where(fired, 0, self.since_fired[i] + self.cfg0.batch_size)
+            self.fired_interval[i] |= fired
+
+    def _train_step(self, x: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+        step = self.progress.step
+        coefficients = [sparsity_at(step, c) for c in self.cfgs]
+        dead = [
+            (t >= c.dead_window_tokens) if c.architecture in ("topk", "batchtopk") else None
+            for t, c in zip(self.since_fired, self.cfgs)
+        ]
+        x_n = x * self.saes[0].cfg.norm_scale  # [b, d_in]; one constant for every SAE of the job
+        loss, terms = self.objective(x_n, coefficients, dead, self.cfgs)
+        self.acc.backward(loss)
+        for sae in self.saes:
+            sae.remove_parallel_decoder_grad()
+        for group, cfg in zip(self.optimizer.param_groups, self.cfgs):
+            group["lr"] = lr_at(step, cfg)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        for sae in self.saes:
+            sae.normalize_decoder()
+        self._update_firing(terms)
+        return terms
+
+    def _zero_sums(self) -> dict[str, Any]:
+        zeros = lambda: torch.zeros(len(self.saes), dtype=torch.float64, device=self.device)  # noqa: E731
+        return {"n": 0, "loss": zeros(), "mse": zeros(), "sparsity": zeros(), "l0": zeros(), "var": zeros()}
+
+    @torch.no_grad()
+    def _accumulate(self, sums, x, terms) -> None:
+        x_n = x * self.saes[0].cfg.norm_scale
+        var = (x_n - x_n.mean(0)).pow(2).sum(-1).mean()
+        sums["n"] += 1
+        for i, t in enumerate(terms):
+            sums["loss"][i] += t["loss"].detach()
+            sums["mse"][i] += t["mse"].detach()
+            sums["sparsity"][i] += t.get("l1", t.get("l0_penalty", t.get("auxk", torch.zeros(())))).detach()
+            sums["l0"][i] += (t["f"] > 0).sum(-1).float().mean()
+            sums["var"][i] += var
+
+    def _log_interval(self, sums) -> list[dict[str, Any]]:
+        """Average the interval's terms over steps and processes; stop if the loss diverged."""
+        n = sums["n"]
+        values = torch.stack([sums[k] for k in ("loss", "mse", "sparsity", "l0", "var")]) / max(n, 1)  # [5, n_saes]
+        if self.world > 1:
+            values = self.acc.reduce(values, reduction="mean")
+        values = values.cpu().tolist()
+        step = self.progress.step
+        rows = []
+        for i, (name, cfg) in enumerate(zip(self.names, self.cfgs)):
+            loss, mse, sparsity, l0, var = (v[i] for v in values)
+            best = self.progress.best_loss[i]
+            if not math.isfinite(loss) or loss > cfg.max_loss_ratio * best:
+                raise TrainingDiverged(
+                    f"SAE {name} diverged at step {step}: mean loss {loss:.4g} over the last {n} steps "
+                    f"(lowest so far {best:.4g}); the last good checkpoint is {self.checkpoint_path}. "
+                    f"Lower sae.lr or raise sae.lr_warmup_fraction."
+                )
+            self.progress.best_loss[i] = min(best, loss)
+            dead_fraction = (self.since_fired[i] >= cfg.dead_window_tokens).float().mean().item()
+            rows.append(
+                {
+                    "sae": name,
+                    "step": step,
+                    "tokens": step * cfg.batch_size,
+                    "lr": lr_at(step - 1, cfg),
+                    "sparsity_coefficient": sparsity_at(step - 1, cfg),
+                    "loss": loss,
+                    "mse": mse,
+                    "sparsity_term": sparsity,
+                    "l0": l0,
+                    "explained_variance": 1.0 - mse / var if var > 0 else float("nan"),
+                    "dead_fraction": dead_fraction,
+                    "fired_fraction_interval": self.fired_interval[i].float().mean().item(),
+                }
+            )
+            self.fired_interval[i].zero_()
+        return rows
+
+    # --- outputs ----------------------------------------------------------------------------------
+
+    def write_outputs(self, out_dirs: dict[str, str | os.PathLike]) -> None:
+        """sae.safetensors, cfg.json and train_log.jsonl per SAE; then drop the resume state."""
+        self.acc.wait_for_everyone()
+        if not self.acc.is_main_process:
+            return
+        rows = [json.loads(line) for line in self.log_path.read_text().splitlines()] if self.log_path.exists() else []
+        for name, sae in zip(self.names, self.saes):
+            directory = Path(out_dirs[name])
+            sae.save(directory)
+            tmp = directory / f".{LOG_FILE}.tmp-{os.getpid()}"
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in rows if r["sae"] == name))
+            os.replace(tmp, directory / LOG_FILE)
+        shutil.rmtree(self.resume_dir, ignore_errors=True)
+
+
+def train_from_stores(
+    store_paths: Sequence[str | os.PathLike],
+    runs: dict[str, dict[str, Any]],
+    out_dirs: dict[str, str | os.PathLike],
+    resume_dir: str | os.PathLike,
+    show_progress: bool = True,
+) -> list[SAE]:
+    """Train the SAEs of `runs` on the activation stores; write each to out_dirs[name]. Resumes from resume_dir."""
+    from accelerate import Accelerator
+
+    from monoscope.loader import ActivationLoader
+
+    cfg = TrainConfig.from_dict(next(iter(runs.values())))
+    accelerator = Accelerator()
+    loader = ActivationLoader(
+        store_paths,
+        batch_size=cfg.batch_size,
+        buffer_tokens=cfg.buffer_tokens,
+        streams=cfg.loader_streams,
+        seed=cfg.seed,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+    )
+    attrs = loader.stores[0].attrs
+    source_attrs = {k: attrs[k] for k in ("model_id", "hook", "dtype", "tokenizer_id") if k in attrs}
+    trainer = Trainer(
+        runs,
+        loader.d,
+        loader.batches,
+        resume_dir,
+        source_stores=[str(p) for p in store_paths],
+        source_attrs=source_attrs,
+        accelerator=accelerator,
+        show_progress=show_progress,
+    )
+    saes = trainer.train()
+    trainer.write_outputs(out_dirs)
+    return saes

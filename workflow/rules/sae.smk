@@ -1,0 +1,70 @@
+# Sparse autoencoders on the training activation stores: one job per SAE, or (sae.train_jointly)
+# one job for the whole sweep from one pass over the data.
+import json
+import sys
+
+JOINT_TRAINING = config["sae"].get("train_jointly", False)
+
+
+def sae_launcher(wildcards, threads):
+    """plain python, or `accelerate launch` with one process per GPU the job asked for."""
+    gpus = config["sae"].get("gpus", 0)
+    if gpus > 1:
+        return f"{sys.executable} -m accelerate.commands.launch --multi_gpu --num_processes {gpus}"
+    return sys.executable
+
+
+if not JOINT_TRAINING:
+
+    rule train_sae:
+        input:
+            stores=activation_stores(TRAIN_SHARDS),
+        output:
+            weights="results/sae/{name}/sae.safetensors",
+            cfg="results/sae/{name}/cfg.json",
+            train_log="results/sae/{name}/train_log.jsonl",
+        params:
+            run=lambda wc: SAE_RUNS[wc.name],
+            runs_json=lambda wc: json.dumps({wc.name: SAE_RUNS[wc.name]}),
+            launcher=sae_launcher,
+            # Undeclared, so Snakemake keeps it when it reruns a killed job: training resumes there.
+            resume_dir="results/sae/{name}/resume",
+        log:
+            "results/logs/train_sae/{name}.log",
+        benchmark:
+            "results/benchmarks/train_sae/{name}.tsv"
+        threads: 2
+        resources:
+            mem_mb=8000,
+            runtime=240,
+            gpu=lambda wc: config["sae"].get("gpus", 0),
+        shell:
+            "{params.launcher} workflow/scripts/train_sae.py {input.stores} --runs {params.runs_json:q}"
+            " --out-root results/sae --resume-dir {params.resume_dir} --threads {threads} > {log} 2>&1"
+
+else:
+
+    rule train_saes_jointly:
+        input:
+            stores=activation_stores(TRAIN_SHARDS),
+        output:
+            weights=expand("results/sae/{name}/sae.safetensors", name=SAE_NAMES),
+            cfg=expand("results/sae/{name}/cfg.json", name=SAE_NAMES),
+            train_log=expand("results/sae/{name}/train_log.jsonl", name=SAE_NAMES),
+        params:
+            runs=SAE_RUNS,
+            runs_json=json.dumps(SAE_RUNS),
+            launcher=sae_launcher,
+            resume_dir="results/sae/.joint/resume",
+        log:
+            "results/logs/train_sae/joint.log",
+        benchmark:
+            "results/benchmarks/train_sae/joint.tsv"
+        threads: 2
+        resources:
+            mem_mb=8000,
+            runtime=480,
+            gpu=config["sae"].get("gpus", 0),
+        shell:
+            "{params.launcher} workflow/scripts/train_sae.py {input.stores} --runs {params.runs_json:q}"
+            " --out-root results/sae --resume-dir {params.resume_dir} --threads {threads} > {log} 2>&1"
