@@ -2,7 +2,8 @@
 
 The stores' chunks are split among `streams` independent streams. Each stream walks an endless
 sequence of chunks (epoch e: a seeded permutation of every chunk of every store, stream s taking
-positions s, s + S, s + 2S, ...), reads them a block at a time (about buffer_tokens / S tokens),
+positions s, s + S, s + 2S, ...), reads them a block at a time (about buffer_tokens / S tokens,
+never across an epoch boundary),
 shuffles the block's tokens with a seed of its own, and concatenates the shuffled blocks into one
 endless token sequence. Global batch i is, for every stream s in order, tokens
 [i·b, (i+1)·b) of stream s, with b = batch_size / S.
@@ -86,16 +87,18 @@ class ActivationLoader:
 
     # --- which tokens, from metadata alone --------------------------------------------------------
 
-    def _stream_chunks(self, stream: int) -> Iterator[_Chunk]:
-        for epoch in itertools.count():
-            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.chunks))
-            for position in order[stream :: self.streams]:
-                yield self.chunks[position]
+    def _stream_chunks(self, stream: int, epoch: int) -> list[_Chunk]:
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.chunks))
+        return [self.chunks[position] for position in order[stream :: self.streams]]
 
     def _stream_blocks(self, stream: int) -> Iterator[tuple[int, list[_Chunk]]]:
-        chunks = self._stream_chunks(stream)
-        for block in itertools.count():
-            yield block, list(itertools.islice(chunks, self.chunks_per_block))
+        """(block number, its chunks) forever; no block straddles two epochs."""
+        block = 0
+        for epoch in itertools.count():
+            chunks = self._stream_chunks(stream, epoch)
+            for start in range(0, len(chunks), self.chunks_per_block):
+                yield block, chunks[start : start + self.chunks_per_block]
+                block += 1
 
     # --- reading ----------------------------------------------------------------------------------
 

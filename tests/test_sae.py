@@ -1,0 +1,127 @@
+"""The SAE model file: architectures, raw-scale interface, unit-norm decoder, checkpoint round-trip."""
+
+import json
+
+import pytest
+import torch
+
+from monoscope.sae import ARCHITECTURES, SAE, IdentityDictionary, SAEConfig, load_dictionary
+
+
+def make_sae(architecture="relu", d_in=16, d_sae=64, **kwargs) -> SAE:
+    sae = SAE(SAEConfig(d_in=d_in, d_sae=d_sae, architecture=architecture, **kwargs), torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
+        sae.b_dec.normal_(0, 0.1, generator=torch.Generator().manual_seed(2))
+    return sae
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_shapes_and_raw_scale(architecture):
+    sae = make_sae(architecture, norm_scale=0.25, k=4).eval()
+    x = torch.randn(3, 5, 16)
+    f = sae.encode(x)
+    assert f.shape == (3, 5, 64) and (f >= 0).all()
+    assert sae.decode(f).shape == x.shape
+    # The raw interface is the normalised one conjugated by the constant.
+    assert torch.allclose(f, sae.encode_normalized(x * 0.25))
+    assert torch.allclose(sae.decode(f), sae.decode_normalized(f) / 0.25)
+    assert torch.allclose(sae(x), sae.decode(f))
+
+
+def test_topk_keeps_exactly_k_per_token():
+    sae = make_sae("topk", k=5)
+    with torch.no_grad():
+        sae.b_enc.fill_(10.0)  # every pre-activation positive, so ReLU removes none of the k
+    f = sae.encode(torch.randn(32, 16))
+    assert ((f > 0).sum(-1) == 5).all()
+
+
+def test_batchtopk_keeps_k_per_token_on_average_and_learns_a_threshold():
+    sae = make_sae("batchtopk", k=5).train()
+    x = torch.randn(64, 16)
+    terms = sae.training_losses(x, 0.0)
+    assert int((terms["f"] > 0).sum()) == 5 * 64
+    assert (terms["f"] > 0).sum(-1).float().std() > 0, "batch top-k should vary per token"
+    assert sae.threshold > 0
+    f_eval = sae.eval().encode(x)
+    assert torch.equal(f_eval > 0, sae.pre_activations(x) > sae.threshold)
+
+
+def test_jumprelu_threshold_gets_gradient_from_the_l0_penalty_and_reconstruction():
+    sae = make_sae("jumprelu", jumprelu_bandwidth=0.5, jumprelu_init_threshold=0.1)
+    x = torch.randn(256, 16)
+    f = sae.encode(x)
+    pre = sae.pre_activations(x)
+    assert torch.equal(f > 0, pre > 0.1)
+    sae.training_losses(x, 1.0)["loss"].backward()
+    assert sae.log_threshold.grad is not None and sae.log_threshold.grad.abs().sum() > 0
+
+
+def test_relu_loss_terms():
+    sae = make_sae("relu")
+    x = torch.randn(10, 16)
+    terms = sae.training_losses(x, 0.5)
+    f = sae.encode_normalized(x)
+    assert torch.allclose(terms["mse"], (x - sae.decode_normalized(f)).pow(2).sum(-1).mean())
+    assert torch.allclose(terms["l1"], f.sum(-1).mean())
+    assert torch.allclose(terms["loss"], terms["mse"] + 0.5 * terms["l1"])
+
+
+def test_auxk_only_when_there_are_dead_latents():
+    sae = make_sae("topk", k=4)
+    x = torch.randn(10, 16)
+    dead = torch.zeros(64, dtype=torch.bool)
+    assert "auxk" not in sae.training_losses(x, 0.0, dead)
+    dead[:20] = True
+    terms = sae.training_losses(x, 0.0, dead, auxk_alpha=1 / 32, aux_k=8)
+    assert terms["auxk"] > 0
+    assert torch.allclose(terms["loss"], terms["mse"] + terms["auxk"] / 32)
+
+
+def test_parallel_gradient_removed_and_rows_renormalised():
+    sae = make_sae()
+    assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(64))
+    sae.training_losses(torch.randn(32, 16), 1.0)["loss"].backward()
+    sae.remove_parallel_decoder_grad()
+    assert (sae.W_dec.grad * sae.W_dec).sum(-1).abs().max() < 1e-5
+    with torch.no_grad():
+        sae.W_dec.mul_(3.0)
+    sae.normalize_decoder()
+    assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(64))
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_save_and_load_round_trip(tmp_path, architecture):
+    sae = make_sae(architecture, k=3, norm_scale=1.7, tokens_seen=123, source_stores=["s.zarr"], hyperparameters={"lr": 1e-4})
+    if architecture == "batchtopk":
+        sae.threshold.fill_(0.3)
+    sae.save(tmp_path / "run")
+    cfg = json.loads((tmp_path / "run" / "cfg.json").read_text())
+    assert cfg["d_in"] == 16 and cfg["d_sae"] == 64 and cfg["architecture"] == architecture
+    assert cfg["norm_scale"] == 1.7 and cfg["tokens_seen"] == 123 and cfg["hyperparameters"] == {"lr": 1e-4}
+    loaded = load_dictionary(tmp_path / "run")
+    assert not loaded.training
+    x = torch.randn(7, 16)
+    assert torch.equal(loaded.encode(x), sae.eval().encode(x))
+    assert torch.equal(loaded.decode(loaded.encode(x)), sae.decode(sae.encode(x)))
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["cfg.json", "sae.safetensors"]
+
+
+def test_load_names_what_is_missing(tmp_path):
+    with pytest.raises(FileNotFoundError, match="sae.safetensors"):
+        load_dictionary(tmp_path)
+
+
+def test_bad_config_is_explained():
+    with pytest.raises(ValueError, match="unknown SAE architecture 'gated'"):
+        SAEConfig(d_in=4, d_sae=8, architecture="gated")
+    with pytest.raises(ValueError, match="k=9"):
+        SAEConfig(d_in=4, d_sae=8, architecture="topk", k=9)
+
+
+def test_identity_dictionary_is_the_neurons():
+    neurons = IdentityDictionary(12)
+    x = torch.randn(2, 3, 12)
+    assert neurons.d_in == neurons.d_sae == 12
+    assert torch.equal(neurons.encode(x), x) and torch.equal(neurons.decode(x), x)
