@@ -1,0 +1,134 @@
+"""A small fault-injecting HTTP proxy for testing and benchmarking the client against a real server.
+
+It forwards every request to ``upstream`` and, per request, with seeded probabilities, answers 429
+(with ``Retry-After: 0``) or 500 instead, waits ``latency_s`` first, or forwards but truncates the body
+(drops the connection half-way through the promised ``Content-Length``). It counts what it saw.
+
+Run inside a thread with ``FaultProxy(...).start()`` / ``.stop()``, or as a context manager.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+from dataclasses import dataclass, field
+
+import httpx
+
+
+@dataclass
+class FaultCounts:
+    received: int = 0
+    forwarded: int = 0
+    status_429: int = 0
+    status_500: int = 0
+    truncated: int = 0
+    paths: dict[str, int] = field(default_factory=dict)
+
+
+class FaultProxy:
+    def __init__(self, upstream: str, *, p_429: float = 0.0, p_500: float = 0.0, p_truncate: float = 0.0,
+                 latency_s: float = 0.0, seed: int = 0, host: str = "127.0.0.1"):
+        """upstream: server root such as ``http://127.0.0.1:8000`` (paths are forwarded unchanged)."""
+        self.upstream = upstream.rstrip("/")
+        self.p_429, self.p_500, self.p_truncate, self.latency_s = p_429, p_500, p_truncate, latency_s
+        self.counts = FaultCounts()
+        self._rng = random.Random(seed)
+        self._host = host
+        self.port: int | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+
+    @property
+    def url(self) -> str:
+        return f"http://{self._host}:{self.port}"
+
+    def __enter__(self) -> FaultProxy:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def start(self) -> FaultProxy:
+        self._thread = threading.Thread(target=self._serve, daemon=True, name="fault-proxy")
+        self._thread.start()
+        if not self._ready.wait(10):
+            raise RuntimeError("fault proxy did not start")
+        return self
+
+    def stop(self) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._stop_event.set)
+        if self._thread is not None:
+            self._thread.join(10)
+
+    def _serve(self) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._loop.run_until_complete(self._main())
+        self._loop.close()
+
+    async def _main(self) -> None:
+        self._stop_event = asyncio.Event()
+        self._http = httpx.AsyncClient(timeout=None, limits=httpx.Limits(max_connections=64))
+        server = await asyncio.start_server(self._handle, self._host, 0)
+        self.port = server.sockets[0].getsockname()[1]
+        self._ready.set()
+        async with server:
+            await self._stop_event.wait()
+        await self._http.aclose()
+
+    def _draw(self) -> str:
+        r = self._rng.random()
+        for fault, p in (("429", self.p_429), ("500", self.p_500), ("truncate", self.p_truncate)):
+            if r < p:
+                return fault
+            r -= p
+        return "ok"
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:  # keep-alive: several requests per connection
+                request_line = await reader.readline()
+                if not request_line:
+                    return
+                method, path, _ = request_line.decode("latin-1").split(" ", 2)
+                headers = {}
+                while (line := await reader.readline()) not in (b"\r\n", b"\n", b""):
+                    name, value = line.decode("latin-1").split(":", 1)
+                    headers[name.strip().lower()] = value.strip()
+                body = await reader.readexactly(int(headers.get("content-length", 0)))
+                self.counts.received += 1
+                self.counts.paths[path] = self.counts.paths.get(path, 0) + 1
+                fault = self._draw()
+                if self.latency_s:
+                    await asyncio.sleep(self.latency_s)
+                if fault in ("429", "500"):
+                    setattr(self.counts, f"status_{fault}", getattr(self.counts, f"status_{fault}") + 1)
+                    payload = b'{"error": {"message": "injected fault"}}'
+                    reason = "Too Many Requests" if fault == "429" else "Internal Server Error"
+                    writer.write(f"HTTP/1.1 {fault} {reason}\r\nContent-Type: application/json\r\n"
+                                 f"Retry-After: 0\r\nContent-Length: {len(payload)}\r\n\r\n".encode() + payload)
+                    await writer.drain()
+                    continue
+                forward_headers = {k: v for k, v in headers.items()
+                                   if k in ("content-type", "authorization", "accept")}
+                response = await self._http.request(method, self.upstream + path, content=body,
+                                                    headers=forward_headers)
+                self.counts.forwarded += 1
+                payload = response.content
+                head = (f"HTTP/1.1 {response.status_code} {response.reason_phrase}\r\n"
+                        f"Content-Type: {response.headers.get('content-type', 'application/json')}\r\n"
+                        f"Content-Length: {len(payload)}\r\n\r\n").encode()
+                if fault == "truncate":
+                    self.counts.truncated += 1
+                    writer.write(head + payload[: len(payload) // 2])
+                    await writer.drain()
+                    return  # drop the connection mid-body
+                writer.write(head + payload)
+                await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            return
+        finally:
+            writer.close()

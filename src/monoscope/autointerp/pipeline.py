@@ -1,0 +1,312 @@
+"""Autointerp for one dictionary: select units, collect records, explain, simulate, score, write results.
+
+``run_dictionary`` is what the Snakemake rule calls; ``interpret_units`` is the network part, usable on
+records from anywhere (tests feed it synthetic records).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from .client import BudgetExceeded, ClientConfig, LLMClient, RequestFailed
+from .explain import explain
+from .records import UnitRecords, collect_records
+from .score import correlation_scores
+from .simulate import METHODS, BadAnswer, detect_method, simulate_record
+
+log = logging.getLogger(__name__)
+
+SCORE_COLUMNS = ["unit", "status", "spearman", "pearson", "n_tokens", "unparsed", "explanation", "reason"]
+
+
+@dataclass(frozen=True)
+class AutointerpSettings:
+    """The ``autointerp`` config section (see workflow/schemas/config.schema.yaml for descriptions)."""
+
+    base_url: str = "http://127.0.0.1:8000/v1"
+    model: str = "gpt-4o-mini"
+    api_key_env: str = "OPENAI_API_KEY"
+    n_units: int = 20
+    n_top_density: int = 0
+    seed: int = 0
+    n_top: int = 20
+    n_explain: int = 5
+    n_random: int = 5
+    n_quantile: int = 5
+    quantile_pool: int = 200
+    record_len: int | None = 32
+    seqs_per_block: int = 64
+    simulation_method: str = "auto"
+    top_logprobs: int = 15
+    explanation_max_tokens: int = 60
+    bad_answer_retries: int = 2
+    concurrency: int = 8
+    max_retries: int = 5
+    backoff_s: float = 1.0
+    timeout_s: float = 60.0
+    max_requests: int | None = None
+    max_total_tokens: int | None = None
+    cache_path: str = "results/autointerp/cache/responses.sqlite"
+    ratings_dir: str = "config/ratings"
+    bootstrap_samples: int = 1000
+
+    @classmethod
+    def from_config(cls, section: dict[str, Any]) -> AutointerpSettings:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(section) - known - {"enabled"})
+        if unknown:
+            raise ValueError(f"unknown autointerp config key(s): {', '.join(unknown)}")
+        settings = cls(**{k: v for k, v in section.items() if k in known})
+        if settings.simulation_method not in METHODS:
+            raise ValueError(f"autointerp.simulation_method must be one of {METHODS}, got {settings.simulation_method!r}")
+        return settings
+
+    def client_config(self) -> ClientConfig:
+        return ClientConfig(base_url=self.base_url, model=self.model, api_key_env=self.api_key_env,
+                            concurrency=self.concurrency, max_retries=self.max_retries, backoff_s=self.backoff_s,
+                            timeout_s=self.timeout_s, max_requests=self.max_requests,
+                            max_total_tokens=self.max_total_tokens)
+
+
+def select_units(density: np.ndarray, n_units: int, n_top_density: int, seed: int) -> list[int]:
+    """The ``n_top_density`` densest units, then ``n_units`` drawn at random (seeded) among the other live ones.
+
+    Dead units (density 0 on the held-out shards) have no records to explain and are never drawn.
+    """
+    order = np.lexsort((np.arange(len(density)), -density))
+    top = [int(u) for u in order[:n_top_density] if density[u] > 0]
+    rest = np.setdiff1d(np.flatnonzero(density > 0), top)
+    drawn = np.random.default_rng(seed).choice(rest, size=min(n_units, len(rest)), replace=False)
+    return top + sorted(int(u) for u in drawn)
+
+
+async def interpret_units(client: LLMClient, units: Sequence[UnitRecords], strings: Sequence[str],
+                          settings: AutointerpSettings, method: str) -> list[dict[str, Any]]:
+    """Explain, simulate and score every unit concurrently; one result dict per unit, in order.
+
+    A unit whose requests fail or whose answers stay malformed gets ``status`` != "ok" and a reason;
+    it never stops the others.
+    """
+    progress = tqdm(total=len(units), desc="autointerp", unit="unit", mininterval=5)
+
+    async def one(unit: UnitRecords) -> dict[str, Any]:
+        try:
+            return await _interpret_unit(client, unit, strings, settings, method)
+        finally:
+            progress.update()
+
+    try:
+        return list(await asyncio.gather(*(one(u) for u in units)))
+    finally:
+        progress.close()
+
+
+async def _retry_bad_answers(call: Callable[[int], Any], retries: int):
+    for attempt in range(retries + 1):
+        try:
+            return await call(attempt)
+        except BadAnswer as error:
+            last = error
+    raise BadAnswer(f"{last} (after {retries + 1} attempts)")
+
+
+async def _gather_or_cancel(awaitables: Iterable) -> list:
+    """Like gather, but the first failure cancels the siblings: a failed unit stops spending requests,
+    and no task outlives the client it uses."""
+    tasks = [asyncio.ensure_future(a) for a in awaitables]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
+async def _interpret_unit(client, unit: UnitRecords, strings, settings, method) -> dict[str, Any]:
+    result: dict[str, Any] = {"unit": unit.unit, "max_act": unit.max_act, "explanation": None, "simulations": []}
+    if unit.max_act <= 0 or not unit.explanation or not unit.scoring:
+        return result | {"status": "no_records", "reason": "the unit never activates on the held-out shards"}
+    stage = "explain"
+    try:
+        result["explanation"] = await _retry_bad_answers(
+            lambda attempt: explain(client, unit, strings, max_tokens=settings.explanation_max_tokens,
+                                    attempt=attempt), settings.bad_answer_retries)
+        stage = "simulate"
+        simulations = await _gather_or_cancel(
+            _retry_bad_answers(
+                lambda attempt, r=record: simulate_record(client, method, result["explanation"],
+                                                          [strings[t] for t in r.tokens],
+                                                          top_logprobs=settings.top_logprobs, attempt=attempt),
+                settings.bad_answer_retries)
+            for record in unit.scoring)
+    except (BadAnswer, RequestFailed, BudgetExceeded) as error:
+        kind = {BadAnswer: "bad_answer", RequestFailed: "request_failed", BudgetExceeded: "budget"}[type(error)]
+        return result | {"status": f"failed_{kind}", "reason": f"{stage}: {error}"}
+    for record, simulation in zip(unit.scoring, simulations):
+        result["simulations"].append({
+            "kind": record.kind, "sequence": record.sequence, "start": record.start,
+            "tokens": [strings[t] for t in record.tokens], "true": record.acts,
+            "true_quantised": unit.quantised(record), "predicted": simulation.predicted,
+            "unparsed": simulation.unparsed,
+        })
+    scores = correlation_scores([s["predicted"] for s in result["simulations"]],
+                                [s["true"] for s in result["simulations"]])
+    status = "ok" if not math.isnan(scores["spearman"]) else "constant_truth"
+    return result | scores | {"status": status, "reason": "" if status == "ok" else "true activations are constant"}
+
+
+async def _run(units, strings, settings: AutointerpSettings) -> tuple[list[dict], dict]:
+    async with LLMClient(settings.client_config(), settings.cache_path, rng_seed=settings.seed) as client:
+        notes: dict[str, str] = {}
+        method = settings.simulation_method
+        if method == "auto":
+            method, notes = await detect_method(client, settings.top_logprobs)
+        log.info("simulation method: %s %s", method, notes)
+        results = await interpret_units(client, units, strings, settings, method)
+        usage = client.usage_dict() | {"simulation_method": method, "detection": notes}
+    return results, usage
+
+
+def unit_density(blocks: Iterable[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """Fraction of tokens on which each unit is > 0."""
+    active, total = None, 0
+    for _, acts in blocks:
+        counts = (acts > 0).sum(axis=(0, 1))
+        active = counts if active is None else active + counts
+        total += acts.shape[0] * acts.shape[1]
+    if active is None:
+        raise ValueError("no activation blocks to compute densities from")
+    return active / total
+
+
+def run_dictionary(activation_paths: Sequence[str | Path], name: str, sae_dir: str | Path | None,
+                   tokenizer_dir: str | Path, out_dir: str | Path, settings: AutointerpSettings) -> dict:
+    """Autointerp for dictionary ``name`` ("neurons" or an SAE in ``sae_dir``) on the held-out stores.
+
+    Writes ``explanations.jsonl``, ``simulations.jsonl``, ``scores.csv`` and ``usage.json`` to ``out_dir``,
+    each to a temporary name first. Returns the usage dict.
+    """
+    import torch
+
+    from monoscope.evaluate import load_dictionary
+    from monoscope.store import iter_sequence_blocks, open_activations
+    from monoscope.tokenize import token_strings
+
+    stores = [open_activations(p) for p in activation_paths]
+    if not stores:
+        raise ValueError("autointerp needs at least one held-out activation store")
+    dictionary = load_dictionary(name, sae_dir, stores[0].d)
+
+    def feature_blocks() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for store in stores:
+            for tokens, acts in iter_sequence_blocks(store, settings.seqs_per_block):
+                with torch.no_grad():
+                    yield tokens, dictionary.encode(torch.from_numpy(acts)).numpy()
+
+    started = time.monotonic()
+    units = select_units(unit_density(feature_blocks()), settings.n_units, settings.n_top_density, settings.seed)
+    records = collect_records(feature_blocks(), units, n_top=settings.n_top, n_random=settings.n_random,
+                              n_quantile=settings.n_quantile, n_explain=settings.n_explain,
+                              record_len=settings.record_len, seed=settings.seed,
+                              quantile_pool=settings.quantile_pool)
+    results, usage = asyncio.run(_run(records, token_strings(tokenizer_dir), settings))
+    usage |= {"dictionary": name, "units": len(units), "elapsed_s": round(time.monotonic() - started, 3)}
+    write_results(results, usage, out_dir)
+    return usage
+
+
+def write_results(results: Sequence[dict], usage: dict, out_dir: str | Path) -> None:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with _atomic(out / "explanations.jsonl") as f:
+        for r in results:
+            f.write(json.dumps({k: r.get(k) for k in ("unit", "status", "explanation", "reason", "max_act")}) + "\n")
+    with _atomic(out / "simulations.jsonl") as f:
+        for r in results:
+            f.write(json.dumps({"unit": r["unit"], "explanation": r["explanation"], "records": r["simulations"]}) + "\n")
+    with _atomic(out / "scores.csv") as f:
+        writer = csv.DictWriter(f, SCORE_COLUMNS)
+        writer.writeheader()
+        for r in results:
+            n_tokens = sum(len(s["true"]) for s in r["simulations"])
+            unparsed = sum(s["unparsed"] for s in r["simulations"])
+            writer.writerow({"unit": r["unit"], "status": r["status"], "spearman": r.get("spearman", math.nan),
+                             "pearson": r.get("pearson", math.nan), "n_tokens": n_tokens, "unparsed": unparsed,
+                             "explanation": r["explanation"] or "", "reason": r.get("reason", "")})
+    with _atomic(out / "usage.json") as f:
+        f.write(json.dumps(usage, indent=2, sort_keys=True) + "\n")
+
+
+class _atomic:
+    """Open ``path``'s temporary sibling for writing; rename it into place only if the block succeeds."""
+
+    def __init__(self, path: Path):
+        self.path, self.tmp = path, path.with_name(path.name + ".tmp")
+
+    def __enter__(self):
+        self.file = open(self.tmp, "w", newline="", encoding="utf-8")
+        return self.file
+
+    def __exit__(self, exc_type, exc, tb):
+        self.file.close()
+        if exc_type is None:
+            os.replace(self.tmp, self.path)
+        else:
+            self.tmp.unlink(missing_ok=True)
+
+
+def read_scores(path: str | Path) -> list[dict[str, Any]]:
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        row["unit"] = int(row["unit"])
+        row["spearman"], row["pearson"] = float(row["spearman"]), float(row["pearson"])
+    return rows
+
+
+def _examples_text(simulation_records: Sequence[dict], n: int = 3) -> str:
+    """Top records as text with active tokens marked ``[token]{activation 0..10}``."""
+    lines = []
+    for record in [r for r in simulation_records if r["kind"] == "top"][:n]:
+        lines.append("".join(f"[{t}]{{{q}}}" if q else t for t, q in zip(record["tokens"], record["true_quantised"])))
+    return "\n".join(lines)
+
+
+def run_comparison(result_dirs: dict[str, str | Path], out_json: str | Path, out_png: str | Path,
+                   ratings_out_dir: str | Path, settings: AutointerpSettings) -> dict:
+    """Features vs neurons: bootstrap CIs per dictionary, the plot, a blind rating sheet, and any filled
+    sheets found in ``settings.ratings_dir`` ingested under ``human_ratings``."""
+    from .ratings import export_sheet, ingest_ratings
+    from .score import compare_dictionaries, plot_comparison
+
+    scores = {name: read_scores(Path(d) / "scores.csv") for name, d in result_dirs.items()}
+    summary = {"scores": compare_dictionaries(scores, n_boot=settings.bootstrap_samples, seed=settings.seed)}
+    items = []
+    for name, directory in result_dirs.items():
+        with open(Path(directory) / "simulations.jsonl", encoding="utf-8") as f:
+            for line in f:
+                row = json.loads(line)
+                if row["explanation"]:
+                    items.append({"dictionary": name, "unit": row["unit"], "explanation": row["explanation"],
+                                  "examples": _examples_text(row["records"])})
+    export_sheet(items, ratings_out_dir, seed=settings.seed)
+    summary["human_ratings"] = ingest_ratings(settings.ratings_dir, Path(ratings_out_dir) / "ratings_key.csv")
+    summary["usage"] = {name: json.loads((Path(d) / "usage.json").read_text()) for name, d in result_dirs.items()}
+    plot_comparison(summary["scores"], out_png)
+    with _atomic(Path(out_json)) as f:
+        f.write(json.dumps(summary, indent=2, sort_keys=True, allow_nan=True) + "\n")
+    return summary

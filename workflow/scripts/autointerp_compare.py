@@ -1,0 +1,13 @@
+from pathlib import Path
+
+from monoscope.autointerp.pipeline import AutointerpSettings, run_comparison
+from monoscope.runtime import start_job
+
+start_job(snakemake)
+run_comparison(
+    {name: Path(scores).parent for name, scores in zip(snakemake.params.names, snakemake.input.scores)},
+    snakemake.output.comparison,
+    snakemake.output.plot,
+    Path(snakemake.output.sheet).parent,
+    AutointerpSettings.from_config(snakemake.params.autointerp),
+)
