@@ -1,0 +1,175 @@
+"""Autointerp logic that needs no endpoint: records, parsing, scoring, selection, ratings."""
+
+import asyncio
+import csv
+import math
+
+import numpy as np
+import pytest
+
+from monoscope.autointerp.client import ClientConfig, LLMClient, ResponseCache, cache_key
+from monoscope.autointerp.pipeline import AutointerpSettings, select_units
+from monoscope.autointerp.prompts import all_at_once_prompt, clean_explanation, format_record
+from monoscope.autointerp.ratings import export_sheet, ingest_ratings
+from monoscope.autointerp.records import collect_records, quantise
+from monoscope.autointerp.score import bootstrap_mean_ci, compare_dictionaries, correlation_scores
+from monoscope.autointerp.simulate import BadAnswer, expected_value, parse_json_list
+
+
+def random_blocks(n_blocks=5, b=8, context=16, d=6, seed=0):
+    rng = np.random.default_rng(seed)
+    return [(rng.integers(0, 50, (b, context)).astype(np.int32),
+             np.maximum(rng.standard_normal((b, context, d)), 0).astype(np.float32)) for _ in range(n_blocks)]
+
+
+def test_quantise_is_floor_of_ten_relu_over_max():
+    assert quantise([-1.0, 0.0, 0.49, 0.5, 1.0, 2.0], 1.0) == [0, 0, 4, 5, 10, 10]
+    assert quantise([0.0, 0.0], 0.0) == [0, 0]
+
+
+def test_collect_records_keeps_the_true_top_sequences_and_splits_disjointly():
+    blocks = random_blocks()
+    tokens = np.concatenate([t for t, _ in blocks])
+    acts = np.concatenate([a for _, a in blocks])
+    records = collect_records(blocks, [1, 4], n_top=6, n_explain=2, n_random=3, n_quantile=2, record_len=None, seed=1)
+    for unit_records, unit in zip(records, [1, 4]):
+        seq_max = acts[:, :, unit].max(axis=1)
+        expected_top = set(np.argsort(-seq_max, kind="stable")[:6].tolist())
+        top = [r for r in unit_records.explanation + unit_records.scoring if r.kind == "top"]
+        assert {r.sequence for r in top} == expected_top
+        assert unit_records.max_act == pytest.approx(float(acts[:, :, unit].max()))
+        assert len(unit_records.explanation) == 2
+        assert unit_records.explanation[0].acts == pytest.approx(acts[int(np.argmax(seq_max)), :, unit].tolist())
+        sequences = [r.sequence for r in unit_records.explanation + unit_records.scoring]
+        assert len(sequences) == len(set(sequences)), "a sequence is in both sets or twice"
+        assert {r.kind for r in unit_records.scoring} == {"top", "random", "quantile"}
+        for r in unit_records.scoring:
+            assert r.tokens == tokens[r.sequence].tolist()
+
+
+def test_collect_records_cuts_windows_around_the_maximum_and_is_seeded():
+    blocks = random_blocks()
+    first = collect_records(blocks, [0], n_top=4, n_explain=2, n_random=2, n_quantile=0, record_len=5, seed=3)
+    again = collect_records(blocks, [0], n_top=4, n_explain=2, n_random=2, n_quantile=0, record_len=5, seed=3)
+    assert first == again
+    for r in first[0].explanation:
+        assert len(r.tokens) == len(r.acts) == 5
+        assert max(r.acts) == pytest.approx(max(a for a in blocks[r.sequence // 8][1][r.sequence % 8, :, 0]))
+
+
+def test_collect_records_rejects_bad_input():
+    with pytest.raises(ValueError, match="n_explain"):
+        collect_records(random_blocks(), [0], n_top=2, n_explain=3)
+    with pytest.raises(ValueError, match="out of range"):
+        collect_records(random_blocks(d=3), [5])
+    with pytest.raises(ValueError, match="no activation blocks"):
+        collect_records([], [0])
+
+
+def test_parse_json_list_accepts_lenient_separators_and_rejects_the_rest():
+    assert parse_json_list("Sure: [0, 3 10]", 3) == [0.0, 3.0, 10.0]
+    for text, reason in [("no list", "no JSON list"), ("[1, 2]", "2 values for 3"), ("[1, x, 2]", "other than"),
+                         ("[1, 2, 11]", "outside")]:
+        with pytest.raises(BadAnswer, match=reason):
+            parse_json_list(text, 3)
+
+
+def test_expected_value_normalises_over_number_tokens():
+    assert expected_value({" 0": math.log(0.5), "10": math.log(0.5), "The": 0.0}) == pytest.approx(5.0)
+    assert expected_value({"The": 0.0}) is None
+
+
+def test_correlation_scores():
+    assert correlation_scores([[1, 2], [3]], [[2, 4], [9]]) == {"spearman": pytest.approx(1), "pearson": pytest.approx(np.corrcoef([1, 2, 3], [2, 4, 9])[0, 1])}
+    assert correlation_scores([[1, 1, 1]], [[0, 1, 2]]) == {"spearman": 0.0, "pearson": 0.0}
+    assert math.isnan(correlation_scores([[1, 2, 3]], [[1, 1, 1]])["spearman"])
+    with pytest.raises(ValueError, match="simulated"):
+        correlation_scores([[1, 2]], [[1, 2, 3]])
+
+
+def test_bootstrap_ci_brackets_the_mean_and_comparison_reports_differences():
+    ci = bootstrap_mean_ci([0.1, 0.2, 0.3, 0.4, float("nan")], n_boot=500)
+    assert ci["n"] == 4 and ci["mean"] == pytest.approx(0.25)
+    assert ci["low"] < ci["mean"] < ci["high"]
+    rows = lambda values: [{"spearman": v, "pearson": v, "status": "ok"} for v in values]  # noqa: E731
+    summary = compare_dictionaries({"x8": rows([0.5, 0.6, 0.7]), "neurons": rows([0.1, 0.2]) + [
+        {"spearman": math.nan, "pearson": math.nan, "status": "failed_bad_answer"}]}, n_boot=200)
+    assert summary["neurons"]["failed"] == 1
+    assert summary["x8"]["spearman_minus_neurons"]["mean"] == pytest.approx(0.45)
+    assert summary["x8"]["spearman_minus_neurons"]["low"] > 0
+
+
+def test_select_units_takes_densest_then_random_live_units():
+    density = np.array([0.0, 0.5, 0.1, 0.0, 0.3, 0.2, 0.05])
+    units = select_units(density, n_units=3, n_top_density=2, seed=0)
+    assert units[:2] == [1, 4]
+    assert len(units) == 5 and len(set(units)) == 5 and not {0, 3} & set(units)
+    assert select_units(density, 3, 2, 0) == units
+
+
+def test_prompts_escape_tokens_and_locate_placeholders():
+    assert format_record([("a\tb", 3), ("\n", 0)]) == "<start>\na\\tb\t3\n\\n\t0\n<end>\n"
+    prompt, offsets = all_at_once_prompt("cats", [" the", " cat"])
+    assert [prompt[o:o + 7] for o in offsets] == ["unknown", "unknown"]
+    assert clean_explanation(" the main thing this neuron does is find cats. And more.") == "cats"
+
+
+def test_settings_reject_unknown_keys_and_methods():
+    with pytest.raises(ValueError, match="unknown autointerp config key"):
+        AutointerpSettings.from_config({"modle": "x"})
+    with pytest.raises(ValueError, match="simulation_method"):
+        AutointerpSettings.from_config({"simulation_method": "guess"})
+
+
+def test_cache_key_depends_on_model_and_body_and_cache_persists(tmp_path):
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+    assert cache_key("m", "chat", body) == cache_key("m", "chat", dict(reversed(body.items())))
+    assert cache_key("m", "chat", body) != cache_key("n", "chat", body)
+    assert cache_key("m", "chat", body) != cache_key("m", "chat", body | {"max_tokens": 4})
+    cache = ResponseCache(tmp_path / "c.sqlite")
+    cache.put("k", body, {"answer": 1})
+    cache.close()
+    assert ResponseCache(tmp_path / "c.sqlite").get("k") == {"answer": 1}
+
+
+def test_client_needs_the_named_key_variable_for_remote_endpoints(tmp_path, monkeypatch):
+    monkeypatch.delenv("MONOSCOPE_MISSING_KEY", raising=False)
+    config = ClientConfig(base_url="https://api.example.com/v1", model="m", api_key_env="MONOSCOPE_MISSING_KEY",
+                          max_retries=0)
+
+    async def call():
+        async with LLMClient(config, tmp_path / "c.sqlite") as client:
+            await client.chat([{"role": "user", "content": "hi"}])
+
+    with pytest.raises(RuntimeError, match="MONOSCOPE_MISSING_KEY"):
+        asyncio.run(call())
+
+
+def test_rating_sheet_round_trip(tmp_path):
+    items = [{"dictionary": name, "unit": u, "explanation": f"thing {u}", "examples": "[a]{3}b"}
+             for name in ("x8", "neurons") for u in range(3)]
+    export_sheet(items, tmp_path / "out", seed=0)
+    with open(tmp_path / "out" / "rating_sheet.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 6 and "dictionary" not in rows[0], "the sheet must be blind"
+    assert "Download filled CSV" in (tmp_path / "out" / "rating_sheet.html").read_text()
+    key = {r["item"]: r["dictionary"] for r in csv.DictReader(open(tmp_path / "out" / "ratings_key.csv"))}
+    filled = tmp_path / "filled"
+    filled.mkdir()
+    for row in rows:
+        row.update(confidence="5" if key[row["item"]] == "x8" else "1", specificity="3")
+    with open(filled / "alice.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, rows[0].keys())
+        writer.writeheader()
+        writer.writerows(rows)
+    summary = ingest_ratings(filled, tmp_path / "out" / "ratings_key.csv")
+    assert summary["dictionaries"]["x8"]["confidence"] == {"mean": 5.0, "n": 3}
+    assert summary["dictionaries"]["neurons"]["confidence"]["mean"] == 1.0
+    assert summary["dictionaries"]["neurons"]["logit_consistency"]["n"] == 0
+    rows[0]["confidence"] = "7"
+    with open(filled / "bob.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, rows[0].keys())
+        writer.writeheader()
+        writer.writerows(rows)
+    with pytest.raises(ValueError, match="bob.csv:2: confidence must be an integer 1..5"):
+        ingest_ratings(filled, tmp_path / "out" / "ratings_key.csv")
