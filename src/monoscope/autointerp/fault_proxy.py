@@ -1,8 +1,9 @@
 """A small fault-injecting HTTP proxy for testing and benchmarking the client against a real server.
 
 It forwards every request to ``upstream`` and, per request, with seeded probabilities, answers 429
-(with ``Retry-After: 0``) or 500 instead, waits ``latency_s`` first, or forwards but truncates the body
-(drops the connection half-way through the promised ``Content-Length``). It counts what it saw.
+(with ``Retry-After: 0``) or 500 instead, forwards but truncates the body (drops the connection half-way
+through the promised ``Content-Length``), or forwards but empties the answer's text (a well-formed
+response with a useless answer). Every request waits ``latency_s`` first. It counts what it saw.
 
 Run inside a thread with ``FaultProxy(...).start()`` / ``.stop()``, or as a context manager.
 """
@@ -10,6 +11,7 @@ Run inside a thread with ``FaultProxy(...).start()`` / ``.stop()``, or as a cont
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import threading
 from dataclasses import dataclass, field
@@ -24,15 +26,17 @@ class FaultCounts:
     status_429: int = 0
     status_500: int = 0
     truncated: int = 0
+    emptied: int = 0
     paths: dict[str, int] = field(default_factory=dict)
 
 
 class FaultProxy:
     def __init__(self, upstream: str, *, p_429: float = 0.0, p_500: float = 0.0, p_truncate: float = 0.0,
-                 latency_s: float = 0.0, seed: int = 0, host: str = "127.0.0.1"):
+                 p_empty: float = 0.0, latency_s: float = 0.0, seed: int = 0, host: str = "127.0.0.1"):
         """upstream: server root such as ``http://127.0.0.1:8000`` (paths are forwarded unchanged)."""
         self.upstream = upstream.rstrip("/")
-        self.p_429, self.p_500, self.p_truncate, self.latency_s = p_429, p_500, p_truncate, latency_s
+        self.p_429, self.p_500, self.p_truncate, self.p_empty = p_429, p_500, p_truncate, p_empty
+        self.latency_s = latency_s
         self.counts = FaultCounts()
         self._rng = random.Random(seed)
         self._host = host
@@ -81,7 +85,8 @@ class FaultProxy:
 
     def _draw(self) -> str:
         r = self._rng.random()
-        for fault, p in (("429", self.p_429), ("500", self.p_500), ("truncate", self.p_truncate)):
+        for fault, p in (("429", self.p_429), ("500", self.p_500), ("truncate", self.p_truncate),
+                         ("empty", self.p_empty)):
             if r < p:
                 return fault
             r -= p
@@ -118,6 +123,9 @@ class FaultProxy:
                                                     headers=forward_headers)
                 self.counts.forwarded += 1
                 payload = response.content
+                if fault == "empty" and response.status_code == 200:
+                    self.counts.emptied += 1
+                    payload = _emptied(payload)
                 head = (f"HTTP/1.1 {response.status_code} {response.reason_phrase}\r\n"
                         f"Content-Type: {response.headers.get('content-type', 'application/json')}\r\n"
                         f"Content-Length: {len(payload)}\r\n\r\n").encode()
@@ -132,3 +140,13 @@ class FaultProxy:
             return
         finally:
             writer.close()
+
+
+def _emptied(payload: bytes) -> bytes:
+    data = json.loads(payload)
+    for choice in data.get("choices", []):
+        if isinstance(choice.get("message"), dict):
+            choice["message"]["content"] = ""
+        if "text" in choice:
+            choice["text"] = ""
+    return json.dumps(data).encode()

@@ -56,6 +56,7 @@ class AutointerpSettings:
     concurrency: int = 8
     max_retries: int = 5
     backoff_s: float = 1.0
+    backoff_max_s: float = 30.0
     timeout_s: float = 60.0
     max_requests: int | None = None
     max_total_tokens: int | None = None
@@ -77,6 +78,7 @@ class AutointerpSettings:
     def client_config(self) -> ClientConfig:
         return ClientConfig(base_url=self.base_url, model=self.model, api_key_env=self.api_key_env,
                             concurrency=self.concurrency, max_retries=self.max_retries, backoff_s=self.backoff_s,
+                            backoff_max_s=self.backoff_max_s,
                             timeout_s=self.timeout_s, max_requests=self.max_requests,
                             max_total_tokens=self.max_total_tokens)
 
