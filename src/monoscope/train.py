@@ -524,7 +524,9 @@ def train_from_stores(
     from monoscope.loader import ActivationLoader
 
     cfg = TrainConfig.from_dict(next(iter(runs.values())))
-    accelerator = Accelerator()
+    # Without CUDA, cpu=True is what makes `accelerate launch --multi_gpu` processes use gloo.
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    print(f"process {accelerator.process_index} of {accelerator.num_processes} on {accelerator.device}", flush=True)
     loader = ActivationLoader(
         store_paths,
         batch_size=cfg.batch_size,
