@@ -5,6 +5,9 @@ It forwards every request to ``upstream`` and, per request, with seeded probabil
 through the promised ``Content-Length``), or forwards but empties the answer's text (a well-formed
 response with a useless answer). Every request waits ``latency_s`` first. It counts what it saw.
 
+With ``upstream=None`` it answers every forwarded request itself with a fixed one-token chat
+completion: the benchmark uses that to measure the client alone, without the server's compute.
+
 Run inside a thread with ``FaultProxy(...).start()`` / ``.stop()``, or as a context manager.
 """
 
@@ -31,10 +34,10 @@ class FaultCounts:
 
 
 class FaultProxy:
-    def __init__(self, upstream: str, *, p_429: float = 0.0, p_500: float = 0.0, p_truncate: float = 0.0,
+    def __init__(self, upstream: str | None, *, p_429: float = 0.0, p_500: float = 0.0, p_truncate: float = 0.0,
                  p_empty: float = 0.0, latency_s: float = 0.0, seed: int = 0, host: str = "127.0.0.1"):
         """upstream: server root such as ``http://127.0.0.1:8000`` (paths are forwarded unchanged)."""
-        self.upstream = upstream.rstrip("/")
+        self.upstream = upstream.rstrip("/") if upstream else None
         self.p_429, self.p_500, self.p_truncate, self.p_empty = p_429, p_500, p_truncate, p_empty
         self.latency_s = latency_s
         self.counts = FaultCounts()
@@ -119,8 +122,11 @@ class FaultProxy:
                     continue
                 forward_headers = {k: v for k, v in headers.items()
                                    if k in ("content-type", "authorization", "accept")}
-                response = await self._http.request(method, self.upstream + path, content=body,
-                                                    headers=forward_headers)
+                if self.upstream is None:
+                    response = httpx.Response(200, json=_STUB_COMPLETION)
+                else:
+                    response = await self._http.request(method, self.upstream + path, content=body,
+                                                        headers=forward_headers)
                 self.counts.forwarded += 1
                 payload = response.content
                 if fault == "empty" and response.status_code == 200:
@@ -150,3 +156,10 @@ def _emptied(payload: bytes) -> bytes:
         if "text" in choice:
             choice["text"] = ""
     return json.dumps(data).encode()
+
+
+_STUB_COMPLETION = {
+    "id": "stub", "object": "chat.completion", "created": 0, "model": "stub",
+    "choices": [{"index": 0, "finish_reason": "length", "message": {"role": "assistant", "content": "ok"}}],
+    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+}
