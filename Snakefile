@@ -13,10 +13,12 @@ include: "workflow/rules/model.smk"
 include: "workflow/rules/harvest.smk"
 include: "workflow/rules/sae.smk"
 include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/autointerp.smk"
 include: "workflow/rules/report.smk"
 
 
 rule all:
     input:
         "results/report/index.html",
+        *(["results/autointerp/comparison.json"] if config["autointerp"]["enabled"] else []),
     default_target: True

@@ -48,7 +48,7 @@ def write_config(path: Path, **overrides) -> Path:
 
 
 def test_dry_run_of_a_two_size_sweep_lists_exactly_the_expected_jobs(tmp_path):
-    config = write_config(tmp_path / "c.yaml", **{"sae.expansion_factors": [2, 4], "sae.l1_coefficients": [1e-3]})
+    config = write_config(tmp_path / "c.yaml", **{"sae.expansion_factors": [2, 4], "sae.l1_coefficients": [5.0]})
     jobs = planned_jobs(tmp_path, "--configfile", str(config))
     n_shards, n_eval = 4, 1
     expected = {
@@ -88,11 +88,11 @@ def test_tiny_end_to_end_outputs_make_sense(tiny_run):
     results = workdir / "results"
     summary = json.loads((results / "report" / "summary.json").read_text())
     by_name = {m["name"]: m for m in summary}
-    assert set(by_name) == {"neurons", "x1_l1-0.001", "x2_l1-0.001"}
+    assert set(by_name) == {"neurons", "x1_l1-5", "x2_l1-5"}
     neurons = by_name["neurons"]
     assert neurons["reconstruction_score"] == pytest.approx(1.0, abs=1e-3)  # the identity dictionary
     assert neurons["zero_abl_loss"] > neurons["clean_loss"]
-    for name in ("x1_l1-0.001", "x2_l1-0.001"):
+    for name in ("x1_l1-5", "x2_l1-5"):
         m = by_name[name]
         assert m["d_sae"] == m["d_in"] * int(name[1])
         assert m["recons_loss"] >= m["clean_loss"] - 0.05
@@ -100,7 +100,7 @@ def test_tiny_end_to_end_outputs_make_sense(tiny_run):
         assert 0 < m["l0"] < m["d_sae"]
         assert 0 <= m["fvu"] <= 1.5
     index = (results / "report" / "index.html").read_text()
-    assert "x2_l1-0.001" in index and "density.png" in index
+    assert "x2_l1-5" in index and "density.png" in index
     assert (results / "report" / "density.png").stat().st_size > 1000
     acts = store.open_activations(results / "activations" / "eval_000.zarr")
     assert acts.attrs["hook"] == "blocks.0.mlp.hook_post"

@@ -1,8 +1,10 @@
 # Sparse autoencoders on the training activation stores: one job per SAE, or (sae.train_jointly)
 # one job for the whole sweep from one pass over the data.
 import json
+import os
 import sys
 
+TRAIN_SAE_SCRIPT = os.path.join(workflow.basedir, "workflow", "scripts", "train_sae.py")
 JOINT_TRAINING = config["sae"].get("train_jointly", False)
 
 
@@ -39,7 +41,7 @@ if not JOINT_TRAINING:
             runtime=240,
             gpu=lambda wc: config["sae"].get("gpus", 0),
         shell:
-            "{params.launcher} workflow/scripts/train_sae.py {input.stores} --runs {params.runs_json:q}"
+            "{params.launcher} {TRAIN_SAE_SCRIPT} {input.stores} --runs {params.runs_json:q}"
             " --out-root results/sae --resume-dir {params.resume_dir} --threads {threads} > {log} 2>&1"
 
 else:
@@ -66,5 +68,5 @@ else:
             runtime=480,
             gpu=config["sae"].get("gpus", 0),
         shell:
-            "{params.launcher} workflow/scripts/train_sae.py {input.stores} --runs {params.runs_json:q}"
+            "{params.launcher} {TRAIN_SAE_SCRIPT} {input.stores} --runs {params.runs_json:q}"
             " --out-root results/sae --resume-dir {params.resume_dir} --threads {threads} > {log} 2>&1"
