@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -176,6 +178,20 @@ def test_dataset_message_points_at_local_files():
 def test_presets_are_valid_configs(preset):
     config = validate_config(yaml.safe_load((ROOT / "config" / f"{preset}.yaml").read_text()))
     assert config["model"]["source"] in pretrained.SOURCES
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_preset_dry_run_plans_a_pretrained_pipeline(preset, tmp_path):
+    snakemake = Path(sys.executable).with_name("snakemake")
+    result = subprocess.run(
+        [str(snakemake), "-n", "-s", str(ROOT / "Snakefile"), "--directory", str(tmp_path), "--cores", "1",
+         "--configfile", str(ROOT / "config" / f"{preset}.yaml")],
+        capture_output=True, text=True, cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    jobs = dict(re.findall(r"^(\w+)\s+(\d+)$", result.stdout.split("Job stats:")[1], flags=re.M))
+    assert jobs["prepare_model"] == "1" and "train_lm" not in jobs and "train_tokenizer" not in jobs
+    assert not (tmp_path / "results").exists()  # planning touched neither hub nor disk
 
 
 # --- SmolLM2 from the GGUF, end to end (~30 s: dequantises once into tmp) -----------------------
