@@ -1,0 +1,533 @@
+"""Neuroscope for neurons and SAE features: one streaming pass per dictionary over the held-out stores.
+
+The pass keeps, per unit (a neuron or a feature), state whose size does not depend on the number of
+tokens read:
+    top       the top_k sequences by the unit's maximum in them, with the activations around that token
+    quantile  per_bin sequences drawn (seeded, uniformly) from each of quantile_bins activation intervals
+    histogram activation counts in histogram_bins bins on (0, max] (+1 bin for "inactive", <= 0), for all
+              tokens and, per concept, for the tokens the concept labels: AUROC per concept follows
+    density, mean and max
+so memory is O(d_sae * ((top_k + quantile_bins * per_bin) * window + (n_concepts + 1) * histogram_bins)).
+
+Then, from the weights: logit weights through the direct path, the loss change when a unit is zeroed
+(for the densest units and a configured list), the cosine of each neuron's input and output weights,
+the neurons a feature draws on, and how similar rare features are to each other.
+
+Everything lands in results/features/<name>/ (written to a temporary directory, renamed when whole):
+    units.parquet   one row per unit: density, activations, best concept, AUROC per concept, ablation, ...
+    examples.npz    top and quantile examples (values, token windows, activation windows), histograms
+    weights.npz     logit weights (top/bottom tokens), neighbours between features and neurons
+    summary.json    settings, provenance, per-concept best neuron/feature, rare-feature statistics, timings
+    rare_features.png (SAEs only)
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from monoscope import __version__, store
+from monoscope.config import NEURONS, hook_name
+from monoscope.probes import DEFAULT_CONCEPTS, ConceptLabeler, auroc_from_histograms, compile_concepts
+from monoscope.store import atomic_path
+
+NEURON_BASIS_HOOKS = ("mlp.hook_post", "mlp.hook_pre")  # the stored coordinates are the neurons
+RESIDUAL_HOOKS = ("hook_mlp_out", "mlp.hook_out")  # the stored vectors are written to the residual stream
+
+
+@dataclass(frozen=True)
+class FeatureSettings:
+    """The `features` config block (workflow/schemas/config.schema.yaml documents each key)."""
+
+    top_k: int = 20  # max-activating sequences kept per unit
+    quantile_bins: int = 8  # activation intervals (equal width on [0, max]) sampled from
+    per_bin: int = 3  # sequences sampled per interval
+    context_tokens: int = 8  # tokens shown either side of the example's activating token
+    histogram_bins: int = 32  # activation histogram bins per unit (also the AUROC resolution)
+    logit_tokens: int = 10  # top and bottom tokens of the logit weights
+    neighbours: int = 8  # neurons listed per feature, features per neuron
+    ablation_top: int = 16  # ablate this many of the densest units
+    ablation_units: list[int] = field(default_factory=list)  # and these
+    ablation_seqs: int = 32  # held-out sequences the ablation loss is measured on
+    max_seqs: int | None = None  # held-out sequences read by the pass (None: all)
+    block_mib: int = 256  # memory for one block of unit activations; sets the sequences per block
+    rare_log10_density: float = -4.0  # features below this log10 density count as rare
+    rare_sample: int = 2048  # features sampled per group for the similarity figure
+    seed: int = 0
+    concepts: list[dict[str, str]] = field(default_factory=lambda: [dict(c) for c in DEFAULT_CONCEPTS])
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> FeatureSettings:
+        section = dict(config.get("features") or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(section) - known)
+        if unknown:
+            raise ValueError(f"unknown features config key(s): {', '.join(unknown)} (allowed: {', '.join(sorted(known))})")
+        section.setdefault("seed", config.get("seed", 0))
+        settings = cls(**section)
+        for key in ("top_k", "quantile_bins", "per_bin", "histogram_bins", "logit_tokens", "neighbours", "block_mib"):
+            if getattr(settings, key) < 1:
+                raise ValueError(f"config key 'features.{key}' must be at least 1, got {getattr(settings, key)}")
+        if settings.context_tokens < 0:
+            raise ValueError(f"config key 'features.context_tokens' must be >= 0, got {settings.context_tokens}")
+        compile_concepts(settings.concepts)
+        return settings
+
+    @property
+    def window(self) -> int:
+        return 2 * self.context_tokens + 1
+
+
+# --- the streaming pass ---------------------------------------------------------------------------
+
+
+class _Examples:
+    """Running best `size` entries per unit by `key` (larger is better), with their activation windows."""
+
+    def __init__(self, size: int, d_sae: int, window: int):
+        self.key = torch.full((size, d_sae), -torch.inf)
+        self.value = torch.zeros(size, d_sae)
+        self.seq = torch.full((size, d_sae), -1, dtype=torch.int64)  # global sequence index; -1: empty slot
+        self.pos = torch.zeros(size, d_sae, dtype=torch.int64)
+        self.windows = torch.zeros(size, d_sae, window, dtype=torch.float16)
+
+    def offer(self, key, value, seq, pos, f_padded, first_seq, context_tokens) -> None:
+        """Candidates key/value/seq(local)/pos [c, d_sae] from a block whose padded activations are f_padded."""
+        size = self.key.shape[0]
+        take = min(size, key.shape[0])
+        key, order = key.topk(take, dim=0)  # [take, d_sae]
+        seq, pos, value = seq.gather(0, order), pos.gather(0, order), value.gather(0, order)
+        offsets = torch.arange(2 * context_tokens + 1)
+        units = torch.arange(key.shape[1])
+        windows = f_padded[seq[..., None], pos[..., None] + offsets, units[None, :, None]]  # [take, d_sae, W]
+        merged_key = torch.cat([self.key, key])
+        self.key, keep = merged_key.topk(size, dim=0)
+        self.value = torch.cat([self.value, value]).gather(0, keep)
+        self.seq = torch.cat([self.seq, seq + first_seq]).gather(0, keep)
+        self.pos = torch.cat([self.pos, pos]).gather(0, keep)
+        all_windows = torch.cat([self.windows, windows.half()])
+        self.windows = all_windows.gather(0, keep[..., None].expand(-1, -1, all_windows.shape[-1]))
+        self.seq[self.key == -torch.inf] = -1
+
+
+class StreamingAnalysis:
+    """Everything the one pass over the held-out activations accumulates; see the module docstring."""
+
+    def __init__(self, d_sae: int, settings: FeatureSettings, upper: torch.Tensor, n_concepts: int):
+        """upper [d_sae]: the top of the histogram and of the quantile intervals (the evaluation's maximum;
+        larger activations count in the top bin), fixed before the pass so results do not depend on block size."""
+        self.settings = settings
+        self.d_sae = d_sae
+        self.upper = upper.float().clamp_min(1e-6)
+        n_bins = settings.histogram_bins + 1
+        self.histogram = torch.zeros(d_sae * n_bins, dtype=torch.int64)
+        self.concept_histograms = torch.zeros(n_concepts, d_sae * n_bins, dtype=torch.int64)
+        self.concept_tokens = torch.zeros(n_concepts, dtype=torch.int64)
+        self.fires = torch.zeros(d_sae, dtype=torch.int64)
+        self.total = torch.zeros(d_sae, dtype=torch.float64)
+        self.max = torch.full((d_sae,), -torch.inf)
+        self.n_tokens = 0
+        self.n_seq = 0
+        self.top = _Examples(settings.top_k, d_sae, settings.window)
+        self.quantile = [_Examples(settings.per_bin, d_sae, settings.window) for _ in range(settings.quantile_bins)]
+        self.generator = torch.Generator().manual_seed(settings.seed)
+
+    @torch.no_grad()
+    def update(self, f: torch.Tensor, labels: torch.Tensor | None) -> None:
+        """f [b, s, d_sae] unit activations of the next b sequences; labels bool [b, s, n_concepts]."""
+        settings, (b, s, d) = self.settings, f.shape
+        flat = f.reshape(b * s, d)
+        self.fires += (flat > 0).sum(0)
+        self.total += flat.clamp(min=0).sum(0, dtype=torch.float64)
+        self.max = torch.maximum(self.max, flat.max(0).values)
+        self.n_tokens += b * s
+
+        bins = self.bin_index(flat)  # [b*s, d] in [0, n_bins)
+        n_bins = settings.histogram_bins + 1
+        flat_index = bins + torch.arange(d) * n_bins  # [b*s, d]
+        self.histogram += torch.bincount(flat_index.flatten(), minlength=d * n_bins)
+        if labels is not None:
+            labels = labels.reshape(b * s, -1)
+            self.concept_tokens += labels.sum(0)
+            for c in range(labels.shape[1]):
+                self.concept_histograms[c] += torch.bincount(flat_index[labels[:, c]].flatten(), minlength=d * n_bins)
+
+        seq_max, seq_pos = f.max(dim=1)  # [b, d]
+        ctx = settings.context_tokens
+        padded = F.pad(f, (0, 0, ctx, ctx))  # [b, s + 2*ctx, d]: windows at the edges read zeros
+        local_seq = torch.arange(b)[:, None].expand(b, d)
+        self.top.offer(seq_max, seq_max, local_seq, seq_pos, padded, self.n_seq, ctx)
+        interval = (seq_max / self.upper * settings.quantile_bins).floor().clamp(0, settings.quantile_bins - 1)
+        key = torch.rand(b, d, generator=self.generator)  # uniform keys: the smallest `per_bin` are a uniform sample
+        for q, examples in enumerate(self.quantile):
+            candidate = (interval == q) & (seq_max > 0)
+            examples.offer(torch.where(candidate, -key, -torch.inf), seq_max, local_seq, seq_pos, padded, self.n_seq, ctx)
+        self.n_seq += b
+
+    def bin_index(self, flat: torch.Tensor) -> torch.Tensor:
+        """Activations [n, d] -> histogram bin [n, d]: 0 when inactive (<= 0, as for density; this includes
+        GELU's small negative values), 1..H across (0, upper]; above upper counts in the top bin."""
+        h = self.settings.histogram_bins
+        return torch.where(flat <= 0, 0, (flat / self.upper * h).ceil().clamp(1, h).long())
+
+    def density(self) -> np.ndarray:
+        return (self.fires.double() / max(1, self.n_tokens)).numpy()
+
+    def aurocs(self) -> np.ndarray:
+        """[n_concepts, d_sae]."""
+        n_bins = self.settings.histogram_bins + 1
+        positives = self.concept_histograms.reshape(-1, self.d_sae, n_bins)
+        return auroc_from_histograms(positives, self.histogram.reshape(self.d_sae, n_bins), self.concept_tokens, self.n_tokens).numpy()
+
+
+def seqs_per_block(d_sae: int, context: int, block_mib: int) -> int:
+    """Sequences whose unit activations (and the per-token bookkeeping, ~4x) fit in block_mib."""
+    bytes_per_seq = context * d_sae * 4 * 4
+    return max(1, int(block_mib * 2**20 // bytes_per_seq))
+
+
+def iter_unit_blocks(dictionary, stores: Sequence[store.ActivationStore], n_seq_block: int, max_seqs: int | None,
+                     device: str = "cpu") -> Iterable[tuple[np.ndarray, torch.Tensor]]:
+    """(tokens [b, s], unit activations f [b, s, d_sae] on the CPU) over the stores, at most max_seqs sequences."""
+    budget = max_seqs if max_seqs is not None else sum(s.n_seq for s in stores)
+    done = 0
+    for activation_store in stores:
+        for tokens, acts in store.iter_sequence_blocks(activation_store, n_seq_block):
+            if done >= budget:
+                return
+            tokens, acts = tokens[: budget - done], acts[: budget - done]
+            with torch.no_grad():
+                f = dictionary.encode(torch.from_numpy(acts).to(device)).float().cpu()
+            done += len(tokens)
+            yield tokens, f
+
+
+def run_pass(dictionary, stores, settings: FeatureSettings, upper: torch.Tensor, labeler: ConceptLabeler | None,
+             device: str = "cpu", desc: str = "features") -> tuple[StreamingAnalysis, np.ndarray]:
+    """The streaming pass; also returns the held-out tokens read, int32 [n_seq, context] (to render examples)."""
+    n_concepts = len(labeler.concepts) if labeler else 0
+    analysis = StreamingAnalysis(dictionary.d_sae, settings, upper, n_concepts)
+    block = seqs_per_block(dictionary.d_sae, stores[0].context, settings.block_mib)
+    token_blocks = []
+    total = settings.max_seqs or sum(s.n_seq for s in stores)
+    progress = tqdm(total=total, desc=desc, mininterval=10)
+    for tokens, f in iter_unit_blocks(dictionary, stores, block, settings.max_seqs, device):
+        labels = torch.from_numpy(labeler(tokens)) if labeler else None
+        analysis.update(f, labels)
+        token_blocks.append(tokens)
+        progress.update(len(tokens))
+    progress.close()
+    if analysis.n_seq == 0:
+        raise ValueError("the held-out activation stores hold no sequences")
+    return analysis, np.concatenate(token_blocks)
+
+
+def window_tokens(tokens: np.ndarray, seq: np.ndarray, pos: np.ndarray, context_tokens: int) -> np.ndarray:
+    """Token ids around (seq, pos) [...] -> [..., window]; -1 outside the sequence or for empty slots."""
+    padded = np.pad(tokens, ((0, 0), (context_tokens, context_tokens)), constant_values=-1)
+    offsets = np.arange(2 * context_tokens + 1)
+    out = padded[np.maximum(seq, 0)[..., None], pos[..., None] + offsets]
+    out[seq < 0] = -1
+    return out.astype(np.int32)
+
+
+# --- from the weights -----------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def unit_directions(dictionary, device: str = "cpu", chunk: int = 4096) -> torch.Tensor:
+    """[d_sae, d_in] on the CPU: what one unit of each unit's activation adds to the reconstruction,
+    decode(e_i) - decode(0) (the SAE's decoder row in the raw activation scale; e_i for neurons)."""
+    zero = dictionary.decode(torch.zeros(1, dictionary.d_sae, device=device))
+    rows = [(dictionary.decode(torch.eye(dictionary.d_sae, device=device)[i : i + chunk]) - zero).float().cpu()
+            for i in range(0, dictionary.d_sae, chunk)]
+    return torch.cat(rows)
+
+
+def residual_directions(directions: torch.Tensor, state: dict[str, torch.Tensor], hook: str) -> tuple[torch.Tensor | None, str]:
+    """Unit directions in the residual stream, and a note on how; None when the hook has no direct path."""
+    layer = hook.split(".")[1]
+    w_out = state.get(f"blocks.{layer}.mlp.out.weight")  # [d_model, d_mlp]
+    if hook.endswith(NEURON_BASIS_HOOKS[0]) and w_out is not None:
+        return directions @ w_out.T.float(), "through W_out"
+    if hook.endswith(RESIDUAL_HOOKS):
+        return directions, "written to the residual stream directly"
+    return None, f"hook '{hook}' has no direct path to the logits (only mlp.hook_post and MLP outputs have one)"
+
+
+@torch.no_grad()
+def logit_weights(resid: torch.Tensor, state: dict[str, torch.Tensor], n_tokens: int, chunk: int = 2048):
+    """Top and bottom tokens of each direction's direct logit effect.
+
+    The final LayerNorm is folded in as its centring and its weight; its division by the residual norm
+    depends on the token, so magnitudes are relative. Returns (top_ids, top_values, bottom_ids, bottom_values), [d_sae, n].
+    """
+    w_u = state["unembed.weight"].float()  # [d_vocab, d_model]
+    ln_weight = state.get("ln_final.weight")
+    n = min(n_tokens, w_u.shape[0])
+    top_ids, top_values, bottom_ids, bottom_values = [], [], [], []
+    for start in range(0, len(resid), chunk):
+        r = resid[start : start + chunk]
+        r = r - r.mean(-1, keepdim=True)
+        if ln_weight is not None:
+            r = r * ln_weight.float()
+        logits = r @ w_u.T  # [chunk, d_vocab]
+        top = logits.topk(n, dim=-1)
+        bottom = logits.topk(n, dim=-1, largest=False)
+        top_ids.append(top.indices), top_values.append(top.values)
+        bottom_ids.append(bottom.indices), bottom_values.append(bottom.values)
+    return tuple(torch.cat(x).numpy() for x in (top_ids, top_values, bottom_ids, bottom_values))
+
+
+def neuron_in_out_cosine(state: dict[str, torch.Tensor], hook: str) -> np.ndarray | None:
+    """cos(w_in[i], w_out[i]) per neuron: > 0 boosts its own input direction, < 0 erases it (memory management)."""
+    layer = hook.split(".")[1]
+    w_in, w_out = state.get(f"blocks.{layer}.mlp.in.weight"), state.get(f"blocks.{layer}.mlp.out.weight")
+    if w_in is None or w_out is None or not hook.endswith(NEURON_BASIS_HOOKS):
+        return None
+    return F.cosine_similarity(w_in.float(), w_out.T.float(), dim=-1).numpy()  # [d_mlp]
+
+
+def neighbours(directions: torch.Tensor, n: int) -> dict[str, np.ndarray]:
+    """For features in a neuron basis: the neurons each feature's direction loads on most, and the features
+    loading most on each neuron. directions [d_sae, d_mlp]."""
+    n_neurons = min(n, directions.shape[1])
+    n_features = min(n, directions.shape[0])
+    by_feature = directions.abs().topk(n_neurons, dim=1)
+    by_neuron = directions.T.topk(n_features, dim=1)  # positive loadings: the features that write this neuron up
+    return {
+        "feature_neurons": by_feature.indices.numpy().astype(np.int32),
+        "feature_neuron_weights": directions.gather(1, by_feature.indices).numpy(),
+        "neuron_features": by_neuron.indices.numpy().astype(np.int32),
+        "neuron_feature_weights": by_neuron.values.numpy(),
+    }
+
+
+def rare_feature_similarity(directions: torch.Tensor, log10_density: np.ndarray, threshold: float, sample: int,
+                            seed: int) -> dict[str, Any]:
+    """Cosine of each (sampled) rare and other feature to its nearest neighbour among rare and among other features.
+
+    Anthropic found the low-density features to be far more similar to each other than the rest are.
+    """
+    unit = F.normalize(directions.float(), dim=-1)
+    alive = np.isfinite(log10_density) & (log10_density > -10)
+    rare = np.flatnonzero(alive & (log10_density < threshold))
+    rest = np.flatnonzero(alive & (log10_density >= threshold))
+    rng = np.random.default_rng(seed)
+
+    def draw(ids):
+        return np.sort(rng.choice(ids, size=min(sample, len(ids)), replace=False)) if len(ids) else ids
+
+    groups = {"rare": draw(rare), "rest": draw(rest)}
+    result: dict[str, Any] = {"threshold_log10_density": threshold, "n_rare": int(len(rare)), "n_rest": int(len(rest))}
+    for a, ids_a in groups.items():
+        for b, ids_b in groups.items():
+            if len(ids_a) == 0 or len(ids_b) < 2:
+                continue
+            cos = unit[ids_a] @ unit[ids_b].T  # [na, nb]
+            if a == b:
+                cos.fill_diagonal_(-1.0)
+            nearest = cos.max(dim=1).values.numpy()
+            result[f"{a}_to_{b}_nearest_cos"] = nearest.tolist()
+            result[f"{a}_to_{b}_mean_nearest_cos"] = float(nearest.mean())
+    return result
+
+
+def plot_rare_features(similarity: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    bins = np.linspace(-0.2, 1, 49)
+    for key, label in (("rare_to_rare", "rare → nearest rare"), ("rest_to_rest", "other → nearest other"),
+                       ("rare_to_rest", "rare → nearest other")):
+        values = similarity.get(f"{key}_nearest_cos")
+        if values:
+            ax.hist(values, bins=bins, alpha=0.55, density=True, label=f"{label} (n={len(values)})")
+    ax.set_xlabel("cosine similarity of decoder directions to the nearest neighbour")
+    ax.set_ylabel("density")
+    ax.set_title(f"rare features (log10 density < {similarity['threshold_log10_density']:g}) vs the rest")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --- ablation -------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def ablation_effects(bridge, dictionary, tokens: np.ndarray, hook: str, units: Sequence[int],
+                     directions: torch.Tensor, device: str = "cpu") -> dict[int, float]:
+    """Mean held-out loss change when each unit is zeroed at the hook (the rest of the activation, the
+    SAE's error included, kept): loss(ablated) - loss(clean), nats per token."""
+    from monoscope import models, pretrained
+
+    batch = torch.from_numpy(tokens).long().to(device)
+    acts = pretrained.run_to_hook(bridge, batch, hook)  # [b, s, d_in]
+    f = dictionary.encode(acts.float())[..., list(units)].cpu()  # [b, s, n_units]; upstream of the hook is unchanged
+    clean = models.loss_with_hook(bridge, batch, hook, None).mean().item()
+    effects = {}
+    for j, unit in enumerate(units):
+        removed = (f[..., j : j + 1] * directions[unit]).to(device)  # [b, s, d_in]
+
+        def ablate(act, removed=removed):
+            return act - removed.to(act.dtype)
+
+        effects[int(unit)] = models.loss_with_hook(bridge, batch, hook, ablate).mean().item() - clean
+    return effects
+
+
+# --- the whole analysis for one dictionary --------------------------------------------------------
+
+
+def analyse_dictionary(config: dict[str, Any], name: str, sae_dir: str | Path | None, model_dir: str | Path,
+                       tokenizer_dir: str | Path, eval_stores: Sequence[str | Path], eval_features: str | Path,
+                       out_dir: str | Path, log=print) -> dict[str, Any]:
+    """Write results/features/<name>/ for one dictionary ("neurons" or an SAE checkpoint in sae_dir)."""
+    from monoscope import evaluate, models, tokenize
+    from monoscope.runtime import device as pick_device
+
+    settings = FeatureSettings.from_config(config)
+    hook = hook_name(config)
+    device = pick_device()
+    stores = [store.open_activations(p) for p in eval_stores]
+    dictionary = evaluate.load_dictionary(name, sae_dir, stores[0].d).to(device)
+    labeler = ConceptLabeler(compile_concepts(settings.concepts), tokenize.token_strings(tokenizer_dir))
+    bridge = models.load_model(config, model_dir)
+    state = {k: v.detach().cpu() for k, v in bridge.state_dict().items()}
+    upper = torch.from_numpy(pd.read_parquet(eval_features)["max_activation"].to_numpy(np.float32, copy=True))
+    if len(upper) != dictionary.d_sae:
+        raise ValueError(f"{eval_features} has {len(upper)} units but dictionary '{name}' has {dictionary.d_sae}")
+    result = analyse(name, dictionary, stores, settings, upper, labeler, bridge, state, hook, device)
+    write_outputs(result, out_dir, provenance={
+        "name": name, "hook": hook, "eval_stores": [str(p) for p in eval_stores], "sae_dir": str(sae_dir) if sae_dir else None,
+        "package_version": __version__, "store_attrs": stores[0].attrs,
+    })
+    log(json.dumps(result["summary"]["timings"]))
+    return result["summary"]
+
+
+def analyse(name, dictionary, stores, settings: FeatureSettings, upper, labeler, bridge, state, hook, device="cpu"):
+    """The analyses, in memory: {"units": DataFrame, "examples": {..}, "weights": {..}, "summary": {..}, "rare": {..}|None}."""
+    timings = {}
+    start = time.perf_counter()
+    analysis, tokens = run_pass(dictionary, stores, settings, upper, labeler, device, desc=f"features {name}")
+    timings["pass_s"] = time.perf_counter() - start
+    timings["pass_tokens_per_s"] = analysis.n_tokens / timings["pass_s"]
+
+    density = analysis.density()
+    fires = analysis.fires.numpy()
+    units = pd.DataFrame({
+        "unit": np.arange(dictionary.d_sae),
+        "density": density,
+        "log10_density": np.log10(np.maximum(density, 1e-10)),
+        "mean_activation": analysis.total.numpy() / np.maximum(fires, 1),
+        "max_activation": analysis.max.numpy(),
+    })
+    aurocs = analysis.aurocs()  # [C, d_sae]
+    concept_summary = {}
+    if len(labeler.concepts):
+        filled = np.nan_to_num(aurocs, nan=-1.0)
+        best_concept = filled.argmax(0)
+        units["best_concept"] = [labeler.names[c] for c in best_concept]
+        units["best_concept_auroc"] = filled.max(0)
+        for c, concept in enumerate(labeler.names):
+            units[f"auroc_{concept}"] = aurocs[c]
+            best = int(filled[c].argmax())
+            concept_summary[concept] = {"positive_fraction": float(analysis.concept_tokens[c]) / analysis.n_tokens,
+                                        "best_unit": best, "best_auroc": float(aurocs[c, best])}
+
+    start = time.perf_counter()
+    directions = unit_directions(dictionary, device)  # [d_sae, d_in]
+    resid, logit_note = residual_directions(directions, state, hook)
+    weights: dict[str, np.ndarray] = {}
+    if resid is not None and "unembed.weight" in state:
+        top_ids, top_values, bottom_ids, bottom_values = logit_weights(resid, state, settings.logit_tokens)
+        weights.update(logit_top_ids=top_ids, logit_top_values=top_values, logit_bottom_ids=bottom_ids, logit_bottom_values=bottom_values)
+        n_layers = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+        if int(hook.split(".")[1]) < n_layers - 1:
+            logit_note += "; approximate: later layers also read this direction"
+    if name == NEURONS:
+        cosine = neuron_in_out_cosine(state, hook)
+        if cosine is not None:
+            units["cos_in_out"] = cosine
+    elif hook.endswith(NEURON_BASIS_HOOKS):
+        weights.update(neighbours(directions, settings.neighbours))
+    timings["weights_s"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    ablated = list(dict.fromkeys([int(u) for u in np.argsort(-density, kind="stable")[: settings.ablation_top]] + list(settings.ablation_units)))
+    for unit in ablated:
+        if not 0 <= unit < dictionary.d_sae:
+            raise ValueError(f"config key 'features.ablation_units': unit {unit} is outside [0, {dictionary.d_sae})")
+    effects = ablation_effects(bridge, dictionary, tokens[: settings.ablation_seqs], hook, ablated, directions.to(device), device)
+    units["ablation_delta_loss"] = [effects.get(u, np.nan) for u in range(dictionary.d_sae)]
+    timings["ablation_s"] = time.perf_counter() - start
+
+    rare = None
+    if name != NEURONS:
+        rare = rare_feature_similarity(directions, units["log10_density"].to_numpy(), settings.rare_log10_density,
+                                       settings.rare_sample, settings.seed)
+
+    ctx = settings.context_tokens
+    examples = {"histogram": analysis.histogram.reshape(dictionary.d_sae, -1).numpy().astype(np.int32),
+                "histogram_upper": analysis.upper.numpy()}
+    groups = {"top": [analysis.top], "quantile": analysis.quantile}
+    for label, parts in groups.items():
+        seq = torch.cat([p.seq for p in parts]).T.numpy()  # [d_sae, n], interval-major for the quantile samples
+        pos = torch.cat([p.pos for p in parts]).T.numpy()
+        examples[f"{label}_values"] = torch.cat([p.value for p in parts]).T.numpy()
+        examples[f"{label}_windows"] = torch.cat([p.windows for p in parts]).transpose(0, 1).numpy()  # [d_sae, n, W]
+        examples[f"{label}_tokens"] = window_tokens(tokens, seq, pos, ctx)
+        examples[f"{label}_seq"] = seq
+    examples["quantile_interval"] = np.repeat(np.arange(settings.quantile_bins), settings.per_bin).astype(np.int32)
+
+    summary = {
+        "name": name,
+        "d_sae": dictionary.d_sae,
+        "settings": asdict(settings),
+        "n_tokens": analysis.n_tokens,
+        "n_seq": analysis.n_seq,
+        "logit_weights": logit_note if weights.get("logit_top_ids") is not None else f"none: {logit_note}",
+        "concepts": concept_summary,
+        "ablated_units": ablated,
+        "clean_vs_ablation": "loss(unit zeroed) - loss(clean), mean nats per token",
+        "rare_features": {k: v for k, v in (rare or {}).items() if not k.endswith("_nearest_cos")} or None,
+        "timings": timings,
+    }
+    return {"units": units, "examples": examples, "weights": weights, "summary": summary, "rare": rare}
+
+
+def write_outputs(result: dict[str, Any], out_dir: str | Path, provenance: dict[str, Any]) -> None:
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir(parents=True)
+        result["units"].to_parquet(tmp / "units.parquet", index=False)
+        np.savez(tmp / "examples.npz", **result["examples"])
+        np.savez(tmp / "weights.npz", **result["weights"])
+        if result["rare"] is not None:
+            plot_rare_features(result["rare"], tmp / "rare_features.png")
+        summary = {**result["summary"], "provenance": provenance}
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+
+
+def load_features(features_dir: str | Path) -> dict[str, Any]:
+    """What analyse_dictionary wrote: {"units": DataFrame, "examples": {..}, "weights": {..}, "summary": {..}}."""
+    path = Path(features_dir)
+    if not (path / "summary.json").exists():
+        raise FileNotFoundError(f"no feature analysis in {path} (expected summary.json)")
+    with np.load(path / "examples.npz") as examples, np.load(path / "weights.npz") as weights:
+        return {"units": pd.read_parquet(path / "units.parquet"), "examples": dict(examples), "weights": dict(weights),
+                "summary": json.loads((path / "summary.json").read_text())}
