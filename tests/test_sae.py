@@ -125,3 +125,19 @@ def test_identity_dictionary_is_the_neurons():
     x = torch.randn(2, 3, 12)
     assert neurons.d_in == neurons.d_sae == 12
     assert torch.equal(neurons.encode(x), x) and torch.equal(neurons.decode(x), x)
+
+
+def test_hand_written_relu_gradients_match_autograd():
+    sae = make_sae("relu").double()
+    x = torch.randn(40, 16, dtype=torch.float64)
+    expected = sae.training_losses(x, 0.3)
+    expected["loss"].backward()
+    autograd = {name: p.grad.clone() for name, p in sae.named_parameters()}
+    sae.zero_grad(set_to_none=True)
+    terms = sae.relu_losses_and_grads(x, 0.3)
+    for key in ("mse", "l1", "loss"):
+        assert torch.allclose(terms[key], expected[key]), key
+    for name, p in sae.named_parameters():
+        assert torch.allclose(p.grad, autograd[name]), name
+    with pytest.raises(ValueError, match="relu only"):
+        make_sae("topk", k=2).relu_losses_and_grads(x.float(), 0.3)

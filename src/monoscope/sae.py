@@ -207,6 +207,34 @@ class SAE(nn.Module):
         terms["f"] = f.detach()
         return terms
 
+    @torch.no_grad()
+    def relu_losses_and_grads(self, x_n: torch.Tensor, sparsity_coefficient: float) -> dict[str, torch.Tensor]:
+        """training_losses for relu with hand-written gradients, stored in .grad.
+
+        Four GEMMs per step where autograd needs six (the b_dec gradient through the encoder
+        only needs the batch sum of the pre-activation gradient) and half the [B, d_sae]
+        temporaries: the relu SAE is what a long run trains, so this is where the time goes.
+        tests/test_sae.py checks it against autograd.
+        """
+        if self.cfg.architecture != "relu":
+            raise ValueError(f"hand-written gradients exist for relu only, not {self.cfg.architecture}")
+        batch = x_n.shape[0]
+        x_c = x_n - self.b_dec  # [B, d_in]
+        f = torch.addmm(self.b_enc, x_c, self.W_enc).clamp_min_(0)  # [B, d_sae]
+        active = f > 0  # [B, d_sae]
+        error = torch.addmm(self.b_dec, f, self.W_dec).sub_(x_n)  # [B, d_in]: x_hat - x
+        mse = error.pow(2).sum() / batch
+        l1 = f.sum() / batch
+        grad_x_hat = error.mul_(2.0 / batch)  # [B, d_in]
+        self.W_dec.grad = f.T @ grad_x_hat  # [d_sae, d_in]
+        grad_pre = torch.addmm(  # [B, d_sae], zero where the ReLU is off
+            torch.full((), sparsity_coefficient / batch, dtype=x_n.dtype, device=x_n.device), grad_x_hat, self.W_dec.T
+        ).mul_(active)
+        self.W_enc.grad = x_c.T @ grad_pre  # [d_in, d_sae]
+        self.b_enc.grad = grad_pre.sum(0)  # [d_sae]
+        self.b_dec.grad = grad_x_hat.sum(0) - self.W_enc @ self.b_enc.grad  # [d_in]
+        return {"mse": mse, "l1": l1, "loss": mse + sparsity_coefficient * l1, "f": f}
+
     def _auxk_loss(self, pre, error, dead, aux_k) -> torch.Tensor:
         """Reconstruct the main model's error from the top aux_k dead latents (Gao et al. 2024, A.2)."""
         k = min(aux_k, int(dead.sum()))

@@ -15,9 +15,9 @@ The recipe (Bricken et al. 2023, "Towards Monosemanticity"), every number a Trai
     decay to zero at the end, both pure functions of the step;
   - neuron resampling at `resample_steps`.
 
-Runs under `accelerate launch` (DDP) as is: every process draws its own share of each global batch
-(see monoscope.loader), gradients are averaged, and everything else (firing statistics, resampling
-inputs) is reduced so that every process makes the same decisions.
+Runs under `accelerate launch` (data parallel) as is: every process draws its own share of each
+global batch (see monoscope.loader), gradients are averaged over processes, and everything else
+(firing statistics, resampling inputs) is reduced so that every process makes the same decisions.
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn as nn
 from tqdm import tqdm
 
 from monoscope.sae import SAE, SAEConfig
@@ -144,21 +143,6 @@ def geometric_median(x: torch.Tensor, iterations: int = 100, tol: float = 1e-6) 
 # --- the training state -------------------------------------------------------------------------
 
 
-class _Objective(nn.Module):
-    """Every SAE of the job behind one forward, so DDP reduces all gradients in one pass."""
-
-    def __init__(self, saes: Sequence[SAE]):
-        super().__init__()
-        self.saes = nn.ModuleList(saes)
-
-    def forward(self, x_n, coefficients, dead_masks, cfgs):
-        terms = [
-            sae.training_losses(x_n, coefficient, dead, cfg.auxk_alpha, cfg.aux_k or sae.d_in // 2)
-            for sae, coefficient, dead, cfg in zip(self.saes, coefficients, dead_masks, cfgs)
-        ]
-        return sum(t["loss"] for t in terms), terms
-
-
 class TrainingDiverged(RuntimeError):
     pass
 
@@ -240,13 +224,13 @@ class Trainer:
             for name, cfg in zip(self.names, self.cfgs)
         ]
         self.optimizer = torch.optim.Adam(
-            [{"params": list(s.parameters()), "lr": c.lr, "betas": (c.beta1, c.beta2)} for s, c in zip(self.saes, self.cfgs)]
+            [{"params": list(s.parameters()), "lr": c.lr, "betas": (c.beta1, c.beta2)} for s, c in zip(self.saes, self.cfgs)],
+            fused=True,  # one kernel per parameter: several times faster than the loop, same maths
         )
         # Tokens since each feature last fired, per SAE: dead features for AuxK, resampling, logs.
         self.since_fired = [torch.zeros(s.d_sae, dtype=torch.long, device=self.device) for s in self.saes]
         self.fired_interval = [torch.zeros(s.d_sae, dtype=torch.bool, device=self.device) for s in self.saes]
         self.progress = _Progress(best_loss=[math.inf] * len(self.saes))
-        self.objective = self.acc.prepare_model(_Objective(self.saes))
 
     # --- checkpoints ------------------------------------------------------------------------------
 
@@ -420,14 +404,19 @@ class Trainer:
 
     def _train_step(self, x: torch.Tensor) -> list[dict[str, torch.Tensor]]:
         step = self.progress.step
-        coefficients = [sparsity_at(step, c) for c in self.cfgs]
-        dead = [
-            (t >= c.dead_window_tokens) if c.architecture in ("topk", "batchtopk") else None
-            for t, c in zip(self.since_fired, self.cfgs)
-        ]
         x_n = x * self.saes[0].cfg.norm_scale  # [b, d_in]; one constant for every SAE of the job
-        loss, terms = self.objective(x_n, coefficients, dead, self.cfgs)
-        self.acc.backward(loss)
+        terms = []
+        for sae, cfg, since_fired in zip(self.saes, self.cfgs, self.since_fired):
+            coefficient = sparsity_at(step, cfg)
+            if cfg.architecture == "relu":
+                terms.append(sae.relu_losses_and_grads(x_n, coefficient))
+                continue
+            dead = since_fired >= cfg.dead_window_tokens if cfg.architecture in ("topk", "batchtopk") else None
+            t = sae.training_losses(x_n, coefficient, dead, cfg.auxk_alpha, cfg.aux_k or sae.d_in // 2)
+            t["loss"].backward()
+            terms.append(t)
+        if self.world > 1:
+            self._average_over_processes()
         for sae in self.saes:
             sae.remove_parallel_decoder_grad()
         for group, cfg in zip(self.optimizer.param_groups, self.cfgs):
@@ -438,6 +427,15 @@ class Trainer:
             sae.normalize_decoder()
         self._update_firing(terms)
         return terms
+
+    @torch.no_grad()
+    def _average_over_processes(self) -> None:
+        """What DDP does, by hand: the relu gradients are not autograd's, so no DDP hook sees them."""
+        for sae in self.saes:
+            for param in sae.parameters():
+                param.grad = self.acc.reduce(param.grad, reduction="mean")
+            for buffer in sae.buffers():  # batchtopk's threshold, estimated from each process's batches
+                buffer.copy_(self.acc.reduce(buffer, reduction="mean"))
 
     def _zero_sums(self) -> dict[str, Any]:
         zeros = lambda: torch.zeros(len(self.saes), dtype=torch.float64, device=self.device)  # noqa: E731
