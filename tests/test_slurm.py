@@ -1,0 +1,184 @@
+"""`snakemake --profile profiles/slurm` against real Slurm daemons: a one-node cluster with a fake GPU.
+
+scripts/slurm/up.sh installs and starts the cluster (root, Debian); the tests submit the tiny pipeline
+through the Snakemake Slurm executor and ask the controller what it was given. The only overrides of
+the profile are the ones this cluster needs: squeue for job states (there is no accounting database),
+a first status check after 1 s instead of 40 (the jobs take seconds), and --cores for the node's CPUs.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from monoscope import store
+
+REPO = Path(__file__).resolve().parents[1]
+SNAKEMAKE = Path(sys.executable).with_name("snakemake")
+TINY = REPO / "tests" / "config" / "tiny.yaml"
+SUDO = [] if os.geteuid() == 0 else ["sudo", "-n"]
+# Rules that run a model or a dictionary over activations ask Slurm for a GPU; the others must not.
+GPU_RULES = {"train_lm", "harvest", "train_sae", "evaluate", "features"}
+
+pytestmark = pytest.mark.workflow
+
+
+def run(cmd: list[str], check: bool = True, **kwargs) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, **kwargs)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}")
+    return result
+
+
+def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return run([str(SNAKEMAKE), "-s", str(REPO / "Snakefile"), "--directory", str(workdir), *args], check=check)
+
+
+def on_slurm(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    node_cpus = run(["sinfo", "-h", "-o", "%c"]).stdout.split()[0]
+    return snakemake(
+        workdir,
+        "--profile", "profiles/slurm",
+        "--configfile", str(workdir / "c.yaml"),
+        "--cores", node_cpus,
+        "--slurm-status-command", "squeue",
+        "--slurm-init-seconds-before-status-checks", "1",
+        *args,
+        check=check,
+    )  # fmt: skip
+
+
+def tiny_config(workdir: Path, **sae) -> Path:
+    """The tiny pipeline; its SAEs ask for one GPU each, as they would on a cluster."""
+    config = yaml.safe_load(TINY.read_text())
+    config["sae"].update({"gpus": 1, **sae})
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / "c.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def slurm_jobs(workdir: Path) -> list[dict[str, str]]:
+    """Every job the controller still remembers (MinJobAge=300 s) that ran in `workdir`, oldest first."""
+    lines = run(["scontrol", "show", "job", "-o"]).stdout.splitlines()
+    jobs = [dict(re.findall(r"(\w[\w/:]*)=(\S*)", line)) for line in lines if line.strip()]
+    return sorted(
+        (job for job in jobs if job.get("WorkDir") == str(workdir)),
+        key=lambda job: int(job["JobId"]),
+    )
+
+
+def rule_of(job: dict[str, str]) -> str:
+    """The Slurm executor comments each job `rule_<rule>[_wildcards_...]`; a group is named by its rule."""
+    name = job["Comment"].removeprefix("rule_").split("_wildcards_")[0]
+    return "tokenize_shard" if name == "tokenize" else name
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    started = run([*SUDO, "bash", "scripts/slurm/up.sh"]).stdout
+    yield
+    if "already up" not in started:
+        run([*SUDO, "bash", "scripts/slurm/down.sh"])
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("local")
+    tiny_config(workdir)
+    snakemake(workdir, "--configfile", str(workdir / "c.yaml"), "--cores", "2")
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def slurm_run(cluster, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("slurm")
+    tiny_config(workdir)
+    plan = snakemake(workdir, "-n", "--configfile", str(workdir / "c.yaml")).stdout
+    planned = set(re.findall(r"^(\w+)\s+\d+$", plan.split("Job stats:")[1].split("Reasons:")[0], flags=re.M))
+    on_slurm(workdir)
+    return workdir, planned - {"all", "total"}
+
+
+def test_every_job_is_an_sbatch_job_and_gpu_rules_ask_for_a_gpu(slurm_run):
+    workdir, planned_rules = slurm_run
+    jobs = slurm_jobs(workdir)
+    by_rule: dict[str, list[dict[str, str]]] = {}
+    for job in jobs:
+        by_rule.setdefault(rule_of(job), []).append(job)
+    assert set(by_rule) == planned_rules
+    assert all(job["JobState"] == "COMPLETED" for job in jobs)
+    assert len(by_rule["harvest"]) == len(list((workdir / "results" / "activations").glob("*.zarr")))
+    assert len(by_rule["train_sae"]) == 2 and len(by_rule["evaluate"]) == 3
+    # Five tokenize_shard jobs, one submission: the profile groups them.
+    assert len(by_rule["tokenize_shard"]) == 1
+    for rule, rule_jobs in by_rule.items():
+        for job in rule_jobs:
+            # What the job asked for (sbatch --gpus=1), as the controller recorded it.
+            gpus_asked = job.get("TresPerJob", "")
+            assert (gpus_asked == "gres:gpu:1") == (rule in GPU_RULES), f"{rule}: TresPerJob={gpus_asked!r}"
+    # The job's own log is the one Slurm wrote, named by the Slurm job id.
+    for job in jobs:
+        log = Path(job["StdOut"])
+        assert log.name == f"{job['JobId']}.log" and log.is_relative_to(workdir / ".snakemake" / "slurm_logs")
+        assert "Finished jobid" in log.read_text() or "Finished job" in log.read_text()
+
+
+def test_results_equal_those_of_a_local_run(slurm_run, local_run):
+    slurm_results, local_results = slurm_run[0] / "results", local_run / "results"
+    shards = sorted(p.name for p in (local_results / "tokens").glob("*.zarr"))
+    assert shards and sorted(p.name for p in (slurm_results / "tokens").glob("*.zarr")) == shards
+    for shard in shards:
+        local_tokens, _ = store.read_token_shard(local_results / "tokens" / shard)
+        slurm_tokens, _ = store.read_token_shard(slurm_results / "tokens" / shard)
+        assert np.array_equal(local_tokens, slurm_tokens), shard
+    local_acts = store.open_activations(local_results / "activations" / "eval_000.zarr")
+    slurm_acts = store.open_activations(slurm_results / "activations" / "eval_000.zarr")
+    assert np.array_equal(local_acts.acts[:], slurm_acts.acts[:])
+    local_metrics = sorted(p.relative_to(local_results) for p in local_results.glob("eval/*/metrics.json"))
+    assert len(local_metrics) == 3
+    assert sorted(p.relative_to(slurm_results) for p in slurm_results.glob("eval/*/metrics.json")) == local_metrics
+    for path in local_metrics:
+        assert json.loads((slurm_results / path).read_text()) == pytest.approx(
+            json.loads((local_results / path).read_text()), rel=1e-5
+        )
+    assert (slurm_results / "report" / "index.html").exists()
+
+
+def test_a_failed_job_fails_the_run_naming_its_log_and_a_rerun_resumes(slurm_run):
+    workdir, _ = slurm_run
+    metrics = next((workdir / "results" / "eval").glob("x1*/metrics.json"))
+    good = metrics.read_text()
+    metrics.write_text("not json")  # newer than the report: the report reruns, and fails on it
+
+    failed = on_slurm(workdir, check=False)
+    assert failed.returncode != 0
+    output = failed.stdout + failed.stderr
+    assert "Error in rule report" in output
+    assert "results/logs/report.log" in output
+    slurm_log = re.search(r"\S+/slurm_logs/rule_report/\S*\d+\.log", output)
+    assert slurm_log, output[-3000:]
+    report_jobs = [job for job in slurm_jobs(workdir) if rule_of(job) == "report"]
+    assert [job["JobState"] for job in report_jobs[-3:]] == ["FAILED"] * 3  # the profile's two retries
+
+    metrics.write_text(good)
+    plan = snakemake(workdir, "-n", "--configfile", str(workdir / "c.yaml")).stdout
+    assert re.findall(r"^(\w+)\s+\d+$", plan.split("Job stats:")[1], flags=re.M) == ["report", "all", "total"]
+    on_slurm(workdir)
+    assert rule_of(slurm_jobs(workdir)[-1]) == "report"
+
+
+def test_dry_run_shows_an_sae_job_on_n_gpus_launched_by_accelerate(tmp_path):
+    tiny_config(tmp_path, gpus=4)
+    plan = snakemake(tmp_path, "-n", "--profile", "profiles/slurm", "--configfile", str(tmp_path / "c.yaml")).stdout
+    train_sae = [block for block in plan.split("\n\n") if "rule train_sae:" in block]
+    assert len(train_sae) == 2
+    for block in train_sae:
+        assert "gpu=4" in block
+        assert re.search(r"-m accelerate\.commands\.launch --multi_gpu --num_processes 4 workflow/scripts/train_sae\.py", block)
