@@ -74,6 +74,8 @@ class FeatureSettings:
         if unknown:
             raise ValueError(f"unknown features config key(s): {', '.join(unknown)} (allowed: {', '.join(sorted(known))})")
         section.setdefault("seed", config.get("seed", 0))
+        if section.get("concepts") is None:  # null: the built-in concepts for Python source
+            section.pop("concepts", None)
         settings = cls(**section)
         for key in ("top_k", "quantile_bins", "per_bin", "histogram_bins", "logit_tokens", "neighbours", "block_mib"):
             if getattr(settings, key) < 1:
@@ -191,8 +193,9 @@ class StreamingAnalysis:
 
 
 def seqs_per_block(d_sae: int, context: int, block_mib: int) -> int:
-    """Sequences whose unit activations (and the per-token bookkeeping, ~4x) fit in block_mib."""
-    bytes_per_seq = context * d_sae * 4 * 4
+    """Sequences whose unit activations and per-token bookkeeping (bin indices, padded copy: ~32 bytes
+    per token and unit) fit in block_mib."""
+    bytes_per_seq = context * d_sae * 32
     return max(1, int(block_mib * 2**20 // bytes_per_seq))
 
 
@@ -377,11 +380,11 @@ def ablation_effects(bridge, dictionary, tokens: np.ndarray, hook: str, units: S
 
     batch = torch.from_numpy(tokens).long().to(device)
     acts = pretrained.run_to_hook(bridge, batch, hook)  # [b, s, d_in]
-    f = dictionary.encode(acts.float())[..., list(units)].cpu()  # [b, s, n_units]; upstream of the hook is unchanged
+    f = dictionary.encode(acts.float())[..., list(units)]  # [b, s, n_units]; upstream of the hook is unchanged
     clean = models.loss_with_hook(bridge, batch, hook, None).mean().item()
     effects = {}
     for j, unit in enumerate(units):
-        removed = (f[..., j : j + 1] * directions[unit]).to(device)  # [b, s, d_in]
+        removed = f[..., j : j + 1] * directions[unit]  # [b, s, d_in]
 
         def ablate(act, removed=removed):
             return act - removed.to(act.dtype)

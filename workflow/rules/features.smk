@@ -1,0 +1,48 @@
+# Neuroscope for neurons and features: one streaming pass per dictionary, then the static browser.
+
+
+rule features:
+    input:
+        stores=activation_stores(EVAL_SHARDS),
+        model="results/model/model.json",
+        tokenizer="results/tokenizer/tokenizer_config.json",
+        eval_features="results/eval/{name}/features.parquet",
+        dictionary=dictionary_input,
+    output:
+        units="results/features/{name}/units.parquet",
+        examples="results/features/{name}/examples.npz",
+        weights="results/features/{name}/weights.npz",
+        summary="results/features/{name}/summary.json",
+    params:
+        features=config.get("features", {}),
+        hook=HOOK,
+    log:
+        "results/logs/features/{name}.log",
+    benchmark:
+        "results/benchmarks/features/{name}.tsv"
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=60,
+        gpu=1,
+    script:
+        "../scripts/features.py"
+
+
+rule site:
+    input:
+        summaries=expand("results/features/{name}/summary.json", name=DICTIONARIES),
+        tokenizer="results/tokenizer/tokenizer_config.json",
+        scores=expand("results/autointerp/{name}/scores.csv", name=DICTIONARIES) if config["autointerp"]["enabled"] else [],
+    output:
+        index="results/report/browser/index.html",
+    log:
+        "results/logs/site.log",
+    benchmark:
+        "results/benchmarks/site.tsv"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    script:
+        "../scripts/site.py"
