@@ -1,6 +1,7 @@
 """The SAE model file: architectures, raw-scale interface, unit-norm decoder, checkpoint round-trip."""
 
 import json
+import subprocess
 
 import pytest
 import torch
@@ -141,3 +142,71 @@ def test_hand_written_relu_gradients_match_autograd():
         assert torch.allclose(p.grad, autograd[name]), name
     with pytest.raises(ValueError, match="relu only"):
         make_sae("topk", k=2).relu_losses_and_grads(x.float(), 0.3)
+
+
+@pytest.fixture
+def exported(tmp_path):
+    """One checkpoint per architecture, with non-trivial biases and scale, and its export."""
+    from monoscope.saelens_export import export_saelens
+
+    x = torch.randn(50, 16)
+    cases = {}
+    for architecture in ARCHITECTURES:
+        sae = make_sae(architecture, k=4, norm_scale=0.37, jumprelu_init_threshold=0.05, source_attrs={"hook": "h"})
+        if architecture == "batchtopk":
+            sae.threshold.fill_(0.05)
+        sae.eval().save(tmp_path / architecture)
+        out = export_saelens(tmp_path / architecture, tmp_path / f"{architecture}_saelens")
+        cases[architecture] = (out, sae.encode(x), sae(x))
+    return x, cases
+
+
+def test_saelens_export_layout_and_folded_weights(exported):
+    from safetensors.torch import load_file
+
+    x, cases = exported
+    expected_architecture = {"relu": "standard", "topk": "topk", "jumprelu": "jumprelu", "batchtopk": "jumprelu"}
+    for architecture, (out, f, x_hat) in cases.items():
+        assert sorted(p.name for p in out.iterdir()) == ["cfg.json", "sae_weights.safetensors"]
+        cfg = json.loads((out / "cfg.json").read_text())
+        assert cfg["architecture"] == expected_architecture[architecture]
+        assert (cfg["d_in"], cfg["d_sae"], cfg["normalize_activations"], cfg["apply_b_dec_to_input"]) == (16, 64, "none", True)
+        assert cfg["metadata"]["hook_name"] == "h"
+        w = load_file(out / "sae_weights.safetensors")
+        shapes = {"W_enc": (16, 64), "b_enc": (64,), "W_dec": (64, 16), "b_dec": (16,)}
+        if cfg["architecture"] == "jumprelu":
+            shapes["threshold"] = (64,)
+        assert {k: tuple(v.shape) for k, v in w.items()} == shapes
+        # SAELens's forward on raw activations (its documented encode/decode) reproduces ours.
+        pre = (x - w["b_dec"]) @ w["W_enc"] + w["b_enc"]
+        if cfg["architecture"] == "standard":
+            f_saelens = torch.relu(pre)
+        elif cfg["architecture"] == "topk":
+            values, indices = pre.topk(cfg["k"], dim=-1)
+            f_saelens = torch.zeros_like(pre).scatter(-1, indices, torch.relu(values))
+        else:
+            f_saelens = torch.relu(pre) * (pre > w["threshold"])
+        assert torch.allclose(f_saelens, f, atol=1e-5), architecture
+        assert torch.allclose(f_saelens @ w["W_dec"] + w["b_dec"], x_hat, atol=1e-4), architecture
+
+
+def test_saelens_loads_the_export(exported, tmp_path):
+    """The real round trip, in a SAELens environment of its own (built once, cached)."""
+    from monoscope.saelens_export import ensure_saelens_env
+
+    x, cases = exported
+    torch.save({"x": x, **{a: (str(out), f, x_hat) for a, (out, f, x_hat) in cases.items()}}, tmp_path / "cases.pt")
+    check = (
+        "import sys, torch\n"
+        "from sae_lens import SAE\n"
+        "cases = torch.load(sys.argv[1], weights_only=False); x = cases.pop('x')\n"
+        "for arch, (out, f, x_hat) in cases.items():\n"
+        "    sae = SAE.load_from_disk(out)\n"
+        "    assert torch.allclose(sae.encode(x), f, atol=1e-5), arch\n"
+        "    assert torch.allclose(sae.decode(sae.encode(x)), x_hat, atol=1e-4), arch\n"
+        "    print(arch, type(sae).__name__)\n"
+    )
+    result = subprocess.run([ensure_saelens_env(), "-c", check, tmp_path / "cases.pt"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    loaded = dict(zip(result.stdout.split()[::2], result.stdout.split()[1::2]))
+    assert loaded == {"relu": "StandardSAE", "topk": "TopKSAE", "jumprelu": "JumpReLUSAE", "batchtopk": "JumpReLUSAE"}
