@@ -21,7 +21,7 @@ def test_activation_store_round_trip(tmp_path):
     np.testing.assert_array_equal(s.acts[:], acts)
     np.testing.assert_array_equal(s.tokens, tokens)
     assert s.attrs["hook"] == "blocks.0.mlp.hook_post"
-    assert s.attrs["codec"] == {"id": "blosc", "cname": "zstd", "clevel": 3, "shuffle": "bitshuffle"}
+    assert s.attrs["codec"] == {"id": "blosc", "cname": "zstd", "clevel": 3, "shuffle": "bitshuffle", "keep_mantissa_bits": None}
     assert s.attrs["format_version"] == store.FORMAT_VERSION
     # every activation maps back to its token
     blocks = list(store.iter_sequence_blocks(s, 3))
@@ -85,3 +85,20 @@ def test_token_shard_round_trip_and_errors(tmp_path):
         store.open_activations(tmp_path / "t.zarr")
     with pytest.raises(FileNotFoundError, match="no Zarr store"):
         store.open_activations(tmp_path / "missing.zarr")
+
+
+def test_mantissa_rounding_bounds_the_error_and_shrinks_the_store(tmp_path):
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 10, (64, 32)).astype(np.int32)
+    pre = rng.normal(size=(64 * 32, 64)).astype(np.float32)
+    acts = pre * 0.5 * (1 + np.tanh(0.7978845608 * (pre + 0.044715 * pre**3)))  # GELU, like the MLP's
+    sizes = {}
+    for bits in (None, 8):
+        path = tmp_path / f"{bits}.zarr"
+        codec = store.CodecSpec(keep_mantissa_bits=bits)
+        store.write_activation_store(path, acts, tokens, {}, chunk_tokens=1024, dtype="float16", codec=codec)
+        read = store.open_activations(path).acts[:].astype(np.float32)
+        rel_rms = np.sqrt(((read - acts) ** 2).mean() / (acts**2).mean())
+        assert rel_rms < (1e-3 if bits is None else 3e-3)
+        sizes[bits] = sum(f.stat().st_size for f in (path / "acts").rglob("*") if f.is_file())
+    assert sizes[8] < 0.9 * sizes[None]

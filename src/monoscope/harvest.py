@@ -30,7 +30,7 @@ def harvest_shard(
     probe = run_to_hook(bridge, torch.from_numpy(tokens[:1]).long(), hook)
     d = probe.shape[-1]
     chunk_tokens = store.chunk_tokens_for(d, harvest["dtype"], tokens.shape[1], harvest["chunk_mib"])
-    codec = store.CodecSpec(harvest["cname"], harvest["clevel"], harvest["shuffle"])
+    codec = store.CodecSpec(harvest["cname"], harvest["clevel"], harvest["shuffle"], harvest["keep_mantissa_bits"])
     attrs = {
         "model_id": models.model_identity(config, model_dir),
         "hook": hook,
