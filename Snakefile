@@ -13,6 +13,7 @@ include: "workflow/rules/model.smk"
 include: "workflow/rules/harvest.smk"
 include: "workflow/rules/sae.smk"
 include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/features.smk"
 include: "workflow/rules/autointerp.smk"
 include: "workflow/rules/report.smk"
 
@@ -20,5 +21,6 @@ include: "workflow/rules/report.smk"
 rule all:
     input:
         "results/report/index.html",
+        "results/report/browser/index.html",
         *(["results/autointerp/comparison.json"] if config["autointerp"]["enabled"] else []),
     default_target: True

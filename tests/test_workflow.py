@@ -61,9 +61,11 @@ def test_dry_run_of_a_two_size_sweep_lists_exactly_the_expected_jobs(tmp_path):
         "train_sae": 2,
         "evaluate": 3,  # two SAEs and the neurons
         "report": 1,
+        "features": 3,
+        "site": 1,
     }
     assert {k: v for k, v in jobs.items() if k in expected} == expected
-    assert set(jobs) - set(expected) <= {"features", "autointerp", "compare_autointerp", "site"}
+    assert set(jobs) == set(expected)  # autointerp is opt-in
 
 
 def test_invalid_config_stops_before_any_job_naming_the_key(tmp_path):
@@ -116,10 +118,11 @@ def test_rerun_behaviours(tiny_run):
     assert planned_jobs(workdir, "--configfile", str(config)) == {}
 
     bigger = write_config(workdir / "bigger.yaml", **{"sae.expansion_factors": [1, 2, 4]})
-    assert planned_jobs(workdir, "--configfile", str(bigger)) == {"all": 1, "train_sae": 1, "evaluate": 1, "report": 1}
+    downstream = {"all": 1, "report": 1, "site": 1}
+    assert planned_jobs(workdir, "--configfile", str(bigger)) == {**downstream, "train_sae": 1, "evaluate": 1, "features": 1}
 
     sae_changed = write_config(workdir / "lr.yaml", **{"sae.lr": 3e-4})
-    assert planned_jobs(workdir, "--configfile", str(sae_changed)) == {"all": 1, "train_sae": 2, "evaluate": 2, "report": 1}
+    assert planned_jobs(workdir, "--configfile", str(sae_changed)) == {**downstream, "train_sae": 2, "evaluate": 2, "features": 2}
 
     model_changed = write_config(workdir / "lm.yaml", **{"model.train.lr": 1e-3})
     jobs = planned_jobs(workdir, "--configfile", str(model_changed))

@@ -130,6 +130,8 @@ def write_report(
 <code>blocks.{model['layer']}.{html.escape(model['hook'])}</code>; evaluated on held-out shards.
 The <em>neurons</em> row is the identity dictionary: the MLP's own basis, for comparison.</p>
 {lm}
+<p><a href="browser/index.html">Browse every feature and neuron</a>: max-activating examples, logit weights,
+ablation effects and concept probes.</p>
 <h2>Features versus neurons</h2>
 <p>Reconstruction score = (zero-ablated loss − spliced loss) / (zero-ablated loss − clean loss).</p>
 <table id="summary"><thead><tr>{header}</tr></thead><tbody>

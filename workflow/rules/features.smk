@@ -14,7 +14,7 @@ rule features:
         weights="results/features/{name}/weights.npz",
         summary="results/features/{name}/summary.json",
     params:
-        features=config.get("features", {}),
+        features=config["features"],
         hook=HOOK,
     log:
         "results/logs/features/{name}.log",
