@@ -6,11 +6,6 @@ import os
 # outputs never loses an answered request.
 
 
-def autointerp_params():
-    """Everything the answers depend on, so a changed endpoint, model or sampling setting reruns."""
-    return {k: v for k, v in config["autointerp"].items() if k not in ("enabled", "ratings_dir")}
-
-
 rule autointerp:
     input:
         stores=activation_stores(EVAL_SHARDS),
@@ -31,6 +26,8 @@ rule autointerp:
     resources:
         mem_mb=4000,
         runtime=240,
+    conda:
+        "../envs/monoscope.yaml"
     script:
         "../scripts/autointerp.py"
 
@@ -56,5 +53,7 @@ rule compare_autointerp:
     resources:
         mem_mb=2000,
         runtime=10,
+    conda:
+        "../envs/monoscope.yaml"
     script:
         "../scripts/autointerp_compare.py"

@@ -38,3 +38,8 @@ def dictionary_input(wildcards):
 def model_params():
     """What the model's outputs depend on, so a changed model reruns everything downstream."""
     return {"model": config["model"], "tokenizer": config["tokenizer"], "seed": config["seed"]}
+
+
+def autointerp_params():
+    """Everything the answers depend on, so a changed endpoint, model or sampling setting reruns."""
+    return {k: v for k, v in config["autointerp"].items() if k not in ("enabled", "ratings_dir")}

@@ -11,5 +11,7 @@ rule split_corpus:
     resources:
         mem_mb=4000,
         runtime=30,
+    conda:
+        "../envs/monoscope.yaml"
     script:
         "../scripts/split_corpus.py"

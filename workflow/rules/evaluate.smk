@@ -18,5 +18,7 @@ rule evaluate:
         mem_mb=8000,
         runtime=60,
         gpu=1,
+    conda:
+        "../envs/monoscope.yaml"
     script:
         "../scripts/evaluate.py"

@@ -16,5 +16,7 @@ rule harvest:
         mem_mb=8000,
         runtime=120,
         gpu=1,
+    conda:
+        "../envs/monoscope.yaml"
     script:
         "../scripts/harvest.py"

@@ -20,6 +20,8 @@ if NATIVE:
             mem_mb=6000,
             runtime=120,
             gpu=1,
+        conda:
+            "../envs/monoscope.yaml"
         script:
             "../scripts/train_lm.py"
 
@@ -38,5 +40,7 @@ else:
         resources:
             mem_mb=16000,
             runtime=60,
+        conda:
+            "../envs/monoscope.yaml"
         script:
             "../scripts/prepare_model.py"

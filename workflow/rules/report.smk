@@ -14,5 +14,7 @@ rule report:
     resources:
         mem_mb=4000,
         runtime=30,
+    conda:
+        "../envs/monoscope.yaml"
     script:
         "../scripts/report.py"

@@ -15,6 +15,8 @@ if NATIVE:
         resources:
             mem_mb=4000,
             runtime=30,
+        conda:
+            "../envs/monoscope.yaml"
         script:
             "../scripts/train_tokenizer.py"
 
@@ -31,6 +33,8 @@ else:
         resources:
             mem_mb=4000,
             runtime=30,
+        conda:
+            "../envs/monoscope.yaml"
         script:
             "../scripts/save_model_tokenizer.py"
 
@@ -51,5 +55,7 @@ rule tokenize_shard:
         runtime=30,
     group:
         "tokenize"
+    conda:
+        "../envs/monoscope.yaml"
     script:
         "../scripts/tokenize_shard.py"
