@@ -211,7 +211,7 @@ class SAE(nn.Module):
     def relu_losses_and_grads(self, x_n: torch.Tensor, sparsity_coefficient: float) -> dict[str, torch.Tensor]:
         """training_losses for relu with hand-written gradients, stored in .grad.
 
-        Four GEMMs per step where autograd needs six (the b_dec gradient through the encoder
+        Five GEMMs per step where autograd needs six (the b_dec gradient through the encoder
         only needs the batch sum of the pre-activation gradient) and half the [B, d_sae]
         temporaries: the relu SAE is what a long run trains, so this is where the time goes.
         tests/test_sae.py checks it against autograd.

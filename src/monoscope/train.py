@@ -159,6 +159,12 @@ def _fingerprint(runs: dict[str, dict[str, Any]], sources: Sequence[str], d_in: 
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def _close(batches: Iterator[torch.Tensor]) -> None:
+    """Stop a generator's prefetching now rather than at garbage collection; plain iterators need nothing."""
+    if hasattr(batches, "close"):
+        batches.close()
+
+
 def _atomic_torch_save(obj: Any, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     torch.save(obj, tmp)
@@ -298,7 +304,7 @@ class Trainer:
         n_batches = max(1, math.ceil(self.cfg0.norm_sample_tokens / self.cfg0.batch_size))
         it = self.batches(0)
         sample = torch.stack([next(it) for _ in range(n_batches)]).to(self.device)  # [n, b, d_in]
-        it.close()
+        _close(it)
         sample = self._gather_rows(sample).float()  # [n * B, d_in]
         scale = norm_scale_for(sample)
         median = geometric_median(sample * scale)
@@ -387,7 +393,7 @@ class Trainer:
                     sums = self._zero_sums()
                 self.save_checkpoint()
         bar.close()
-        data.close()
+        _close(data)
         tokens = total * self.cfg0.batch_size
         for sae in self.saes:
             sae.cfg.tokens_seen = tokens
