@@ -64,3 +64,9 @@ def test_auroc_is_nan_without_positives():
     totals = torch.tensor([[5, 5]])
     auroc = auroc_from_histograms(torch.zeros(1, 1, 2, dtype=torch.int64), totals, torch.tensor([0]), 10)
     assert torch.isnan(auroc).all()
+
+
+def test_docstrings_are_triple_quoted_strings_opening_a_line():
+    strings = ["def f():\n", '    """', "Doc.", '"""', "\n", "    x = ", '"""', "no", '"""', "\n"]
+    labeler = ConceptLabeler([c for c in compile_concepts(DEFAULT_CONCEPTS) if c.name == "docstring"], strings)
+    assert np.flatnonzero(labeler(np.array([list(range(10))]))[0, :, 0]).tolist() == [1, 2, 3]

@@ -94,32 +94,53 @@ class FeatureSettings:
 
 
 class _Examples:
-    """Running best `size` entries per unit by `key` (larger is better), with their activation windows."""
+    """Per group and unit, the `size` entries with the largest keys seen, with their activation windows.
 
-    def __init__(self, size: int, d_sae: int, window: int):
-        self.key = torch.full((size, d_sae), -torch.inf)
-        self.value = torch.zeros(size, d_sae)
-        self.seq = torch.full((size, d_sae), -1, dtype=torch.int64)  # global sequence index; -1: empty slot
-        self.pos = torch.zeros(size, d_sae, dtype=torch.int64)
-        self.windows = torch.zeros(size, d_sae, window, dtype=torch.float16)
+    Slots are unordered until `sorted()`: a block only writes the slots its accepted candidates evict,
+    so after the first blocks (when few candidates beat the running minimum) an offer costs little.
+    """
 
-    def offer(self, key, value, seq, pos, f_padded, first_seq, context_tokens) -> None:
-        """Candidates key/value/seq(local)/pos [c, d_sae] from a block whose padded activations are f_padded."""
-        size = self.key.shape[0]
-        take = min(size, key.shape[0])
-        key, order = key.topk(take, dim=0)  # [take, d_sae]
-        seq, pos, value = seq.gather(0, order), pos.gather(0, order), value.gather(0, order)
-        offsets = torch.arange(2 * context_tokens + 1)
-        units = torch.arange(key.shape[1])
-        windows = f_padded[seq[..., None], pos[..., None] + offsets, units[None, :, None]]  # [take, d_sae, W]
-        merged_key = torch.cat([self.key, key])
-        self.key, keep = merged_key.topk(size, dim=0)
-        self.value = torch.cat([self.value, value]).gather(0, keep)
-        self.seq = torch.cat([self.seq, seq + first_seq]).gather(0, keep)
-        self.pos = torch.cat([self.pos, pos]).gather(0, keep)
-        all_windows = torch.cat([self.windows, windows.half()])
-        self.windows = all_windows.gather(0, keep[..., None].expand(-1, -1, all_windows.shape[-1]))
-        self.seq[self.key == -torch.inf] = -1
+    def __init__(self, groups: int, size: int, d_sae: int, window: int):
+        self.key = torch.full((groups, size, d_sae), -torch.inf)
+        self.value = torch.zeros(groups, size, d_sae)
+        self.seq = torch.full((groups, size, d_sae), -1, dtype=torch.int64)  # global sequence index; -1: empty slot
+        self.pos = torch.zeros(groups, size, d_sae, dtype=torch.int64)
+        self.windows = torch.zeros(groups, size, d_sae, window, dtype=torch.float16)
+
+    def offer(self, key, value, seq, pos, f, first_seq: int, context_tokens: int) -> None:
+        """key [G, c, d] per group (-inf: not a candidate); value/seq (local)/pos [c, d]; f [b, s, d] the block."""
+        groups, size, d = self.key.shape
+        key, order = key.topk(min(size, key.shape[1]), dim=1)  # [G, take, d]: no more than `size` can enter
+        merged = torch.cat([self.key, key], dim=1)
+        in_final = torch.zeros_like(merged, dtype=torch.bool).scatter_(1, merged.topk(size, dim=1).indices, True)
+        accepted = in_final[:, size:] & (key > -torch.inf)  # [G, take, d]
+        if not accepted.any():
+            return
+        evicted = ~in_final[:, :size]  # [G, size, d]: as many as the new entries in the final set
+        evicted_rank = evicted.long().cumsum(1) - 1
+        slot_of_rank = torch.zeros(groups, size, d, dtype=torch.int64)
+        g_e, k_e, u_e = evicted.nonzero(as_tuple=True)
+        slot_of_rank[g_e, evicted_rank[g_e, k_e, u_e], u_e] = k_e
+        g, j, u = accepted.nonzero(as_tuple=True)  # the j-th accepted candidate takes the j-th evicted slot
+        rank = accepted.long().cumsum(1)[g, j, u] - 1
+        slot = slot_of_rank[g, rank, u]
+        candidate = order[g, j, u]
+        local_seq, token = seq[candidate, u], pos[candidate, u]
+        self.key[g, slot, u] = key[g, j, u]
+        self.value[g, slot, u] = value[candidate, u]
+        self.seq[g, slot, u] = local_seq + first_seq
+        self.pos[g, slot, u] = token
+        positions = token[:, None] + torch.arange(-context_tokens, context_tokens + 1)  # [n, W]
+        inside = (positions >= 0) & (positions < f.shape[1])
+        windows = f[local_seq[:, None], positions.clamp(0, f.shape[1] - 1), u[:, None]] * inside  # zeros past the edges
+        self.windows[g, slot, u] = windows.half()
+
+    def sorted(self) -> dict[str, torch.Tensor]:
+        """Entries in descending key order per group and unit: value/seq/pos [G, size, d], windows [G, size, d, W]."""
+        order = self.key.argsort(dim=1, descending=True, stable=True)
+        windows = self.windows.gather(1, order[..., None].expand_as(self.windows))
+        return {"value": self.value.gather(1, order), "seq": self.seq.gather(1, order), "pos": self.pos.gather(1, order),
+                "windows": windows}
 
 
 class StreamingAnalysis:
@@ -132,16 +153,17 @@ class StreamingAnalysis:
         self.d_sae = d_sae
         self.upper = upper.float().clamp_min(1e-6)
         n_bins = settings.histogram_bins + 1
-        self.histogram = torch.zeros(d_sae * n_bins, dtype=torch.int64)
-        self.concept_histograms = torch.zeros(n_concepts, d_sae * n_bins, dtype=torch.int64)
+        # Bin 0 (inactive) is never counted: it is what the tokens minus the other bins leave.
+        self.active_histogram = torch.zeros(d_sae * n_bins, dtype=torch.int64)
+        self.active_concept_histograms = torch.zeros(n_concepts, d_sae * n_bins, dtype=torch.int64)
         self.concept_tokens = torch.zeros(n_concepts, dtype=torch.int64)
         self.fires = torch.zeros(d_sae, dtype=torch.int64)
         self.total = torch.zeros(d_sae, dtype=torch.float64)
         self.max = torch.full((d_sae,), -torch.inf)
         self.n_tokens = 0
         self.n_seq = 0
-        self.top = _Examples(settings.top_k, d_sae, settings.window)
-        self.quantile = [_Examples(settings.per_bin, d_sae, settings.window) for _ in range(settings.quantile_bins)]
+        self.top = _Examples(1, settings.top_k, d_sae, settings.window)
+        self.quantile = _Examples(settings.quantile_bins, settings.per_bin, d_sae, settings.window)
         self.generator = torch.Generator().manual_seed(settings.seed)
 
     @torch.no_grad()
@@ -149,47 +171,51 @@ class StreamingAnalysis:
         """f [b, s, d_sae] unit activations of the next b sequences; labels bool [b, s, n_concepts]."""
         settings, (b, s, d) = self.settings, f.shape
         flat = f.reshape(b * s, d)
-        self.fires += (flat > 0).sum(0)
-        self.total += flat.clamp(min=0).sum(0, dtype=torch.float64)
-        self.max = torch.maximum(self.max, flat.max(0).values)
+        active = flat > 0
+        token, unit = active.nonzero(as_tuple=True)  # only active entries are counted: SAEs are sparse
+        values = flat[active]  # the same row-major order as nonzero
+        self.fires += torch.bincount(unit, minlength=d)
+        self.total.index_add_(0, unit, values.double())
         self.n_tokens += b * s
-
-        bins = self.bin_index(flat)  # [b*s, d] in [0, n_bins)
-        n_bins = settings.histogram_bins + 1
-        flat_index = bins + torch.arange(d) * n_bins  # [b*s, d]
-        self.histogram += torch.bincount(flat_index.flatten(), minlength=d * n_bins)
+        h = settings.histogram_bins
+        bins = (values / self.upper[unit] * h).ceil().clamp(1, h).long() + unit * (h + 1)  # flat (unit, bin) index
+        self.active_histogram += torch.bincount(bins, minlength=d * (h + 1))
         if labels is not None:
             labels = labels.reshape(b * s, -1)
             self.concept_tokens += labels.sum(0)
+            active_labels = labels[token]  # [n_active, C]
             for c in range(labels.shape[1]):
-                self.concept_histograms[c] += torch.bincount(flat_index[labels[:, c]].flatten(), minlength=d * n_bins)
+                self.active_concept_histograms[c] += torch.bincount(bins[active_labels[:, c]], minlength=d * (h + 1))
 
         seq_max, seq_pos = f.max(dim=1)  # [b, d]
-        ctx = settings.context_tokens
-        padded = F.pad(f, (0, 0, ctx, ctx))  # [b, s + 2*ctx, d]: windows at the edges read zeros
+        self.max = torch.maximum(self.max, seq_max.max(0).values)
         local_seq = torch.arange(b)[:, None].expand(b, d)
-        self.top.offer(seq_max, seq_max, local_seq, seq_pos, padded, self.n_seq, ctx)
-        interval = (seq_max / self.upper * settings.quantile_bins).floor().clamp(0, settings.quantile_bins - 1)
-        key = torch.rand(b, d, generator=self.generator)  # uniform keys: the smallest `per_bin` are a uniform sample
-        for q, examples in enumerate(self.quantile):
-            candidate = (interval == q) & (seq_max > 0)
-            examples.offer(torch.where(candidate, -key, -torch.inf), seq_max, local_seq, seq_pos, padded, self.n_seq, ctx)
+        ctx = settings.context_tokens
+        self.top.offer(seq_max[None], seq_max, local_seq, seq_pos, f, self.n_seq, ctx)
+        q = settings.quantile_bins
+        interval = (seq_max / self.upper * q).floor().clamp(0, q - 1)  # [b, d]
+        key = -torch.rand(b, d, generator=self.generator)  # uniform: the largest `per_bin` keys are a uniform sample
+        in_interval = (interval[None] == torch.arange(q)[:, None, None]) & (seq_max > 0)  # [Q, b, d]
+        self.quantile.offer(torch.where(in_interval, key, -torch.inf), seq_max, local_seq, seq_pos, f, self.n_seq, ctx)
         self.n_seq += b
 
-    def bin_index(self, flat: torch.Tensor) -> torch.Tensor:
-        """Activations [n, d] -> histogram bin [n, d]: 0 when inactive (<= 0, as for density; this includes
-        GELU's small negative values), 1..H across (0, upper]; above upper counts in the top bin."""
-        h = self.settings.histogram_bins
-        return torch.where(flat <= 0, 0, (flat / self.upper * h).ceil().clamp(1, h).long())
+    def _with_inactive_bin(self, active: torch.Tensor, tokens) -> torch.Tensor:
+        histogram = active.reshape(-1, self.d_sae, self.settings.histogram_bins + 1).clone()
+        histogram[..., 0] = torch.as_tensor(tokens).reshape(-1, 1) - histogram.sum(-1)
+        return histogram
+
+    def histogram(self) -> torch.Tensor:
+        """[d_sae, histogram_bins + 1]: bin 0 counts inactive tokens (<= 0, as for density; GELU's small
+        negative values included), bins 1..H split (0, upper]; larger values count in bin H."""
+        return self._with_inactive_bin(self.active_histogram, self.n_tokens)[0]
 
     def density(self) -> np.ndarray:
         return (self.fires.double() / max(1, self.n_tokens)).numpy()
 
     def aurocs(self) -> np.ndarray:
         """[n_concepts, d_sae]."""
-        n_bins = self.settings.histogram_bins + 1
-        positives = self.concept_histograms.reshape(-1, self.d_sae, n_bins)
-        return auroc_from_histograms(positives, self.histogram.reshape(self.d_sae, n_bins), self.concept_tokens, self.n_tokens).numpy()
+        positives = self._with_inactive_bin(self.active_concept_histograms, self.concept_tokens)
+        return auroc_from_histograms(positives, self.histogram(), self.concept_tokens, self.n_tokens).numpy()
 
 
 def seqs_per_block(d_sae: int, context: int, block_mib: int) -> int:
@@ -486,14 +512,14 @@ def analyse(name, dictionary, stores, settings: FeatureSettings, upper, labeler,
                                        settings.rare_sample, settings.seed)
 
     ctx = settings.context_tokens
-    examples = {"histogram": analysis.histogram.reshape(dictionary.d_sae, -1).numpy().astype(np.int32),
+    examples = {"histogram": analysis.histogram().numpy().astype(np.int32),
                 "histogram_upper": analysis.upper.numpy()}
-    groups = {"top": [analysis.top], "quantile": analysis.quantile}
-    for label, parts in groups.items():
-        seq = torch.cat([p.seq for p in parts]).T.numpy()  # [d_sae, n], interval-major for the quantile samples
-        pos = torch.cat([p.pos for p in parts]).T.numpy()
-        examples[f"{label}_values"] = torch.cat([p.value for p in parts]).T.numpy()
-        examples[f"{label}_windows"] = torch.cat([p.windows for p in parts]).transpose(0, 1).numpy()  # [d_sae, n, W]
+    for label, examples_kept in (("top", analysis.top), ("quantile", analysis.quantile)):
+        kept = examples_kept.sorted()  # [G, n, d_sae]; flattened interval-major for the quantile samples
+        seq = kept["seq"].permute(2, 0, 1).flatten(1).numpy()  # [d_sae, G * n]
+        pos = kept["pos"].permute(2, 0, 1).flatten(1).numpy()
+        examples[f"{label}_values"] = kept["value"].permute(2, 0, 1).flatten(1).numpy()
+        examples[f"{label}_windows"] = kept["windows"].permute(2, 0, 1, 3).flatten(1, 2).numpy()  # [d_sae, G * n, W]
         examples[f"{label}_tokens"] = window_tokens(tokens, seq, pos, ctx)
         examples[f"{label}_seq"] = seq
     examples["quantile_interval"] = np.repeat(np.arange(settings.quantile_bins), settings.per_bin).astype(np.int32)

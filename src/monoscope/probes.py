@@ -26,7 +26,7 @@ import torch
 DEFAULT_CONCEPTS: list[dict[str, str]] = [
     {"name": "comment", "pattern": r"#[^\n]*"},
     {"name": "string_literal", "pattern": r"(?s:\"\"\".*?\"\"\"|'''.*?''')|\"(?:[^\"\\\n]|\\.)*\"|'(?:[^'\\\n]|\\.)*'"},
-    {"name": "docstring", "pattern": r"(?<=:\n)[ \t]*[rRbBuU]?(?s:\"\"\".*?\"\"\"|'''.*?''')"},
+    {"name": "docstring", "pattern": r"^[ \t]*[rRbBuU]?(?s:\"\"\".*?\"\"\"|'''.*?''')"},  # a triple-quoted string opening a line
     {"name": "number", "pattern": r"(?<![\w.])(?:0[xX][0-9a-fA-F_]+|\d[\d_]*(?:\.\d*)?(?:[eE][+-]?\d+)?)"},
     {"name": "def_name", "pattern": r"(?<=\bdef )\w+"},
     {"name": "class_name", "pattern": r"(?<=\bclass )\w+"},
