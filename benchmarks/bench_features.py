@@ -1,6 +1,6 @@
 """Feature analyses: pass speed versus a bare read + encode, site generation time, index readiness in Chromium.
 
-    python benchmarks/bench_features.py [--seqs 256] [--expansions 8 32] [--repeats 2] [--no-browser]
+    python benchmarks/bench_features.py [--seqs 256] [--expansions 8 32] [--repeats 2] [--threads N] [--no-browser]
 
 Builds, in a temporary directory, a float16 activation store of the default run's shape (512 neurons,
 context 128; GELU-like values) and random ReLU SAEs whose biases give ~1% density, with the default
@@ -98,8 +98,11 @@ def main() -> None:
     parser.add_argument("--seqs", type=int, default=256, help="held-out sequences of 128 tokens")
     parser.add_argument("--expansions", type=int, nargs="+", default=[8, 32])
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--no-browser", action="store_true")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp_name:

@@ -107,8 +107,9 @@ class _Examples:
         self.pos = torch.zeros(groups, size, d_sae, dtype=torch.int64)
         self.windows = torch.zeros(groups, size, d_sae, window, dtype=torch.float16)
 
-    def offer(self, key, value, seq, pos, f, first_seq: int, context_tokens: int) -> None:
-        """key [G, c, d] per group (-inf: not a candidate); value/seq (local)/pos [c, d]; f [b, s, d] the block."""
+    def offer(self, key, value, f, first_seq: int, context_tokens: int) -> None:
+        """Candidates are the block's sequences: key [G, b, d] per group (-inf: not a candidate), value [b, d];
+        f [b, s, d] the block. An accepted sequence's example is centred on its maximum for the unit."""
         groups, size, d = self.key.shape
         key, order = key.topk(min(size, key.shape[1]), dim=1)  # [G, take, d]: no more than `size` can enter
         merged = torch.cat([self.key, key], dim=1)
@@ -124,10 +125,10 @@ class _Examples:
         g, j, u = accepted.nonzero(as_tuple=True)  # the j-th accepted candidate takes the j-th evicted slot
         rank = accepted.long().cumsum(1)[g, j, u] - 1
         slot = slot_of_rank[g, rank, u]
-        candidate = order[g, j, u]
-        local_seq, token = seq[candidate, u], pos[candidate, u]
+        local_seq = order[g, j, u]
+        token = f[local_seq, :, u].argmax(dim=1)  # only for accepted pairs: a dense argmax costs ~8x a max
         self.key[g, slot, u] = key[g, j, u]
-        self.value[g, slot, u] = value[candidate, u]
+        self.value[g, slot, u] = value[local_seq, u]
         self.seq[g, slot, u] = local_seq + first_seq
         self.pos[g, slot, u] = token
         positions = token[:, None] + torch.arange(-context_tokens, context_tokens + 1)  # [n, W]
@@ -173,7 +174,7 @@ class StreamingAnalysis:
         flat = f.reshape(b * s, d)
         active = flat > 0
         token, unit = active.nonzero(as_tuple=True)  # only active entries are counted: SAEs are sparse
-        values = flat[active]  # the same row-major order as nonzero
+        values = flat[token, unit]
         self.fires += torch.bincount(unit, minlength=d)
         self.total.index_add_(0, unit, values.double())
         self.n_tokens += b * s
@@ -183,20 +184,20 @@ class StreamingAnalysis:
         if labels is not None:
             labels = labels.reshape(b * s, -1)
             self.concept_tokens += labels.sum(0)
-            active_labels = labels[token]  # [n_active, C]
-            for c in range(labels.shape[1]):
-                self.active_concept_histograms[c] += torch.bincount(bins[active_labels[:, c]], minlength=d * (h + 1))
+            entry, concept = labels[token].nonzero(as_tuple=True)  # active entries on tokens a concept labels
+            n_concepts, size = self.active_concept_histograms.shape
+            counts = torch.bincount(bins[entry] + concept * size, minlength=n_concepts * size)
+            self.active_concept_histograms += counts.view(n_concepts, size)
 
-        seq_max, seq_pos = f.max(dim=1)  # [b, d]
-        self.max = torch.maximum(self.max, seq_max.max(0).values)
-        local_seq = torch.arange(b)[:, None].expand(b, d)
+        seq_max = f.amax(dim=1)  # [b, d]
+        self.max = torch.maximum(self.max, seq_max.amax(0))
         ctx = settings.context_tokens
-        self.top.offer(seq_max[None], seq_max, local_seq, seq_pos, f, self.n_seq, ctx)
+        self.top.offer(seq_max[None], seq_max, f, self.n_seq, ctx)
         q = settings.quantile_bins
         interval = (seq_max / self.upper * q).floor().clamp(0, q - 1)  # [b, d]
         key = -torch.rand(b, d, generator=self.generator)  # uniform: the largest `per_bin` keys are a uniform sample
         in_interval = (interval[None] == torch.arange(q)[:, None, None]) & (seq_max > 0)  # [Q, b, d]
-        self.quantile.offer(torch.where(in_interval, key, -torch.inf), seq_max, local_seq, seq_pos, f, self.n_seq, ctx)
+        self.quantile.offer(torch.where(in_interval, key, -torch.inf), seq_max, f, self.n_seq, ctx)
         self.n_seq += b
 
     def _with_inactive_bin(self, active: torch.Tensor, tokens) -> torch.Tensor:
