@@ -4,9 +4,9 @@
 #   sudo bash scripts/slurm/up.sh      # installs (Debian), configures, starts, waits until the node is idle
 #   sudo bash scripts/slurm/down.sh    # stops the daemons by PID and removes their state
 #
-# The node offers every CPU, 90 % of the memory and SLURM_FAKE_GPUS (default 1) fake GPUs
-# (gres "gpu" backed by /dev/null), so rules that ask for `gpu` are scheduled exactly as on a GPU
-# cluster and then run on the CPU. There is no accounting daemon: query job states with squeue
+# The node offers SLURM_NODE_CPUS CPUs (default: all of them; more lets short jobs overlap), 90 % of
+# the memory and SLURM_FAKE_GPUS (default 1) fake GPUs (gres "gpu" backed by /dev/null), so rules that
+# ask for `gpu` are scheduled exactly as on a GPU cluster and then run on the CPU. There is no accounting daemon: query job states with squeue
 # (`--slurm-status-command squeue`), as sacct has nothing to ask.
 # No systemd is needed: munged, slurmctld and slurmd are started directly and their PIDs kept in
 # $MONOSCOPE_SLURM_STATE. Running this script again while the cluster is up does nothing.
@@ -14,6 +14,7 @@ set -euo pipefail
 
 STATE=${MONOSCOPE_SLURM_STATE:-/var/tmp/monoscope-slurm}
 FAKE_GPUS=${SLURM_FAKE_GPUS:-1}
+CPUS=${SLURM_NODE_CPUS:-$(nproc)}
 CONF_DIR=/etc/slurm
 MARK="# written by monoscope scripts/slurm/up.sh; removed by scripts/slurm/down.sh"
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -50,7 +51,6 @@ done
 
 mkdir -p "$STATE/ctld" "$STATE/d" "$STATE/munge" "$CONF_DIR"
 HOST=$(hostname -s)
-CPUS=$(nproc)
 MEM_MB=$(($(awk '/^MemTotal/ {print $2}' /proc/meminfo) / 1024 * 9 / 10))
 
 # munge: authentication between the daemons and the client commands.
@@ -79,6 +79,8 @@ SlurmctldLogFile=$STATE/slurmctld.log
 SlurmdLogFile=$STATE/slurmd.log
 SlurmctldDebug=info
 SlurmdDebug=info
+# Trust the CPU count below even where it exceeds the hardware (SLURM_NODE_CPUS).
+SlurmdParameters=config_overrides
 # No cgroups here (containers, CI): track processes by parent PID.
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
@@ -91,20 +93,32 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
 # Without it a job that names no memory is given the whole node and everything else waits.
 DefMemPerCPU=1000
-# squeue is the status command here: keep finished jobs visible long enough for it.
-MinJobAge=300
+# squeue is the status command here, and the tests ask the controller about every job of a run:
+# keep finished jobs visible for an hour (the default, 300 s, is shorter than a slow CI run).
+MinJobAge=3600
 GresTypes=gpu
 NodeName=$HOST NodeAddr=127.0.0.1 CPUs=$CPUS RealMemory=$MEM_MB Gres=gpu:$FAKE_GPUS State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 CONF
 
+# Slurm refuses two GPUs with one device file: GPU i is a link to /dev/null under its own name.
+mkdir -p "$STATE/gpu"
 {
     echo "$MARK"
-    for _ in $(seq "$FAKE_GPUS"); do echo "NodeName=$HOST Name=gpu File=/dev/null"; done
+    for i in $(seq 0 $((FAKE_GPUS - 1))); do
+        gpu=/dev/null
+        if ((i > 0)); then gpu=$STATE/gpu/$i && ln -sf /dev/null "$gpu"; fi
+        echo "NodeName=$HOST Name=gpu File=$gpu"
+    done
 } > "$CONF_DIR/gres.conf"
 
-slurmctld
-slurmd
+for daemon in slurmctld slurmd; do
+    if ! "$daemon"; then
+        echo "scripts/slurm/up.sh: $daemon did not start; last log lines:" >&2
+        tail -n 20 "$STATE/$daemon.log" >&2 || true
+        exit 1
+    fi
+done
 
 for _ in $(seq 120); do
     state=$(sinfo -h -N -o %t 2>/dev/null || true)
