@@ -93,6 +93,12 @@ class FeatureSettings:
 # --- the streaming pass ---------------------------------------------------------------------------
 
 
+def _topk_dim1(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """topk over dim 1 of [G, n, d], computed along a contiguous last dimension (several times faster)."""
+    values, indices = x.transpose(1, 2).contiguous().topk(k, dim=-1)
+    return values.transpose(1, 2), indices.transpose(1, 2)
+
+
 class _Examples:
     """Per group and unit, the `size` entries with the largest keys seen, with their activation windows.
 
@@ -111,9 +117,9 @@ class _Examples:
         """Candidates are the block's sequences: key [G, b, d] per group (-inf: not a candidate), value [b, d];
         f [b, s, d] the block. An accepted sequence's example is centred on its maximum for the unit."""
         groups, size, d = self.key.shape
-        key, order = key.topk(min(size, key.shape[1]), dim=1)  # [G, take, d]: no more than `size` can enter
+        key, order = _topk_dim1(key, min(size, key.shape[1]))  # [G, take, d]: no more than `size` can enter
         merged = torch.cat([self.key, key], dim=1)
-        in_final = torch.zeros_like(merged, dtype=torch.bool).scatter_(1, merged.topk(size, dim=1).indices, True)
+        in_final = torch.zeros_like(merged, dtype=torch.bool).scatter_(1, _topk_dim1(merged, size)[1], True)
         accepted = in_final[:, size:] & (key > -torch.inf)  # [G, take, d]
         if not accepted.any():
             return
@@ -175,19 +181,18 @@ class StreamingAnalysis:
         active = flat > 0
         token, unit = active.nonzero(as_tuple=True)  # only active entries are counted: SAEs are sparse
         values = flat[token, unit]
-        self.fires += torch.bincount(unit, minlength=d)
+        self.fires.index_add_(0, unit, torch.ones_like(unit))
         self.total.index_add_(0, unit, values.double())
         self.n_tokens += b * s
         h = settings.histogram_bins
         bins = (values / self.upper[unit] * h).ceil().clamp(1, h).long() + unit * (h + 1)  # flat (unit, bin) index
-        self.active_histogram += torch.bincount(bins, minlength=d * (h + 1))
+        self.active_histogram.index_add_(0, bins, torch.ones_like(bins))  # (no per-block zeroed bincount buffer)
         if labels is not None:
             labels = labels.reshape(b * s, -1)
             self.concept_tokens += labels.sum(0)
             entry, concept = labels[token].nonzero(as_tuple=True)  # active entries on tokens a concept labels
-            n_concepts, size = self.active_concept_histograms.shape
-            counts = torch.bincount(bins[entry] + concept * size, minlength=n_concepts * size)
-            self.active_concept_histograms += counts.view(n_concepts, size)
+            size = self.active_concept_histograms.shape[1]
+            self.active_concept_histograms.view(-1).index_add_(0, bins[entry] + concept * size, torch.ones_like(entry))
 
         seq_max = f.amax(dim=1)  # [b, d]
         self.max = torch.maximum(self.max, seq_max.amax(0))
