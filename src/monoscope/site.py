@@ -94,11 +94,10 @@ def _examples(values, tokens, windows, vocab_size: int) -> list[list[dict[str, A
     scale = np.maximum(np.abs(windows.astype(np.float32)).max(-1), 1e-6)  # [c, n]
     quantised = np.clip(np.rint(windows / scale[..., None] * 255), -255, 255).astype(np.int16)
     tokens = np.where(tokens < vocab_size, tokens, -1)
-    out = []
-    for u in range(len(values)):
-        out.append([{"value": values[u, i], "scale": scale[u, i], "tokens": tokens[u, i].tolist(), "acts": quantised[u, i].tolist()}
-                    for i in range(values.shape[1])])
-    return out
+    values, scale = _clean(values.tolist()), _clean(scale.tolist())  # already plain: no per-number walk later
+    tokens, quantised = tokens.tolist(), quantised.tolist()
+    return [[{"value": values[u][i], "scale": scale[u][i], "tokens": tokens[u][i], "acts": quantised[u][i]}
+             for i in range(len(values[u]))] for u in range(len(values))]
 
 
 def _unit_records(name: str, feats: dict[str, Any], scores: pd.DataFrame | None, reverse_links: dict[str, dict],
@@ -142,11 +141,11 @@ def _unit_records(name: str, feats: dict[str, Any], scores: pd.DataFrame | None,
         groups = [{"interval": q, "lo": upper * q / n_bins, "hi": upper * (q + 1) / n_bins,
                    "examples": [quantile[i][q * per_bin + j] for j in range(per_bin) if filled[q * per_bin + j]]}
                   for q in range(n_bins)]
-        records.append({
-            "facts": facts, "explanation": explanation, "histogram": ex["histogram"][u, 1:].tolist(), "upper": upper,
-            "logits": logits, "links": links, "concepts": concepts[:8],
-            "top": [e for e, s in zip(top[i], ex["top_seq"][u]) if s >= 0], "quantile": groups,
-        })
+        record = _clean({"facts": facts, "explanation": explanation, "histogram": ex["histogram"][u, 1:].tolist(),
+                         "upper": upper, "logits": logits, "links": links, "concepts": concepts[:8]})
+        record["top"] = [e for e, s in zip(top[i], ex["top_seq"][u]) if s >= 0]
+        record["quantile"] = [{**_clean({k: v for k, v in g.items() if k != "examples"}), "examples": g["examples"]} for g in groups]
+        records.append(record)
     return records
 
 
@@ -169,7 +168,7 @@ def write_dictionary(out: Path, name: str, features_dir: Path, feats: dict[str, 
     (directory / "meta.js").write_text(_js("window.MONOSCOPE_META", meta), encoding="utf-8")
     for first in range(0, d_sae, CHUNK_UNITS):
         records = _unit_records(name, feats, scores, reverse_links, first, min(d_sae, first + CHUNK_UNITS), vocab_size)
-        payload = json.dumps(_clean({"first": first, "units": records}), separators=(",", ":"))
+        payload = json.dumps({"first": first, "units": records}, separators=(",", ":"), allow_nan=False)
         (directory / "data" / f"chunk_{first // CHUNK_UNITS}.js").write_text(f"MONOSCOPE_CHUNK({payload});\n", encoding="utf-8")
     title = f"{name}: {d_sae} {kind}s"
     header = f'<p class="nav"><a href="../index.html">↑ all dictionaries</a></p><h1>{html.escape(title)}</h1>'
