@@ -43,3 +43,11 @@ def model_params():
 def autointerp_params():
     """Everything the answers depend on, so a changed endpoint, model or sampling setting reruns."""
     return {k: v for k, v in config["autointerp"].items() if k not in ("enabled", "ratings_dir")}
+
+
+def sae_launcher(wildcards, threads):
+    """plain python, or `accelerate launch` with one process per GPU the job asked for."""
+    gpus = config["sae"].get("gpus", 0)
+    if gpus > 1:
+        return f"{sys.executable} -m accelerate.commands.launch --multi_gpu --num_processes {gpus}"
+    return sys.executable

@@ -2,18 +2,8 @@
 # one job for the whole sweep from one pass over the data.
 import json
 import os
-import sys
 
-TRAIN_SAE_SCRIPT = os.path.join(workflow.basedir, "workflow", "scripts", "train_sae.py")
 JOINT_TRAINING = config["sae"].get("train_jointly", False)
-
-
-def sae_launcher(wildcards, threads):
-    """plain python, or `accelerate launch` with one process per GPU the job asked for."""
-    gpus = config["sae"].get("gpus", 0)
-    if gpus > 1:
-        return f"{sys.executable} -m accelerate.commands.launch --multi_gpu --num_processes {gpus}"
-    return sys.executable
 
 
 if not JOINT_TRAINING:
@@ -29,6 +19,7 @@ if not JOINT_TRAINING:
             run=lambda wc: SAE_RUNS[wc.name],
             runs_json=lambda wc: json.dumps({wc.name: SAE_RUNS[wc.name]}),
             launcher=sae_launcher,
+            script=os.path.join(workflow.basedir, "workflow", "scripts", "train_sae.py"),
             # Undeclared, so Snakemake keeps it when it reruns a killed job: training resumes there.
             resume_dir="results/sae/{name}/resume",
         log:
@@ -40,8 +31,10 @@ if not JOINT_TRAINING:
             mem_mb=8000,
             runtime=240,
             gpu=lambda wc: config["sae"].get("gpus", 0),
+        conda:
+            "../envs/monoscope.yaml"
         shell:
-            "{params.launcher} {TRAIN_SAE_SCRIPT} {input.stores} --runs {params.runs_json:q}"
+            "{params.launcher} {params.script} {input.stores} --runs {params.runs_json:q}"
             " --out-root results/sae --resume-dir {params.resume_dir} --threads {threads} > {log} 2>&1"
 
 else:
@@ -57,6 +50,7 @@ else:
             runs=SAE_RUNS,
             runs_json=json.dumps(SAE_RUNS),
             launcher=sae_launcher,
+            script=os.path.join(workflow.basedir, "workflow", "scripts", "train_sae.py"),
             resume_dir="results/sae/.joint/resume",
         log:
             "results/logs/train_sae/joint.log",
@@ -67,6 +61,8 @@ else:
             mem_mb=8000,
             runtime=480,
             gpu=config["sae"].get("gpus", 0),
+        conda:
+            "../envs/monoscope.yaml"
         shell:
-            "{params.launcher} {TRAIN_SAE_SCRIPT} {input.stores} --runs {params.runs_json:q}"
+            "{params.launcher} {params.script} {input.stores} --runs {params.runs_json:q}"
             " --out-root results/sae --resume-dir {params.resume_dir} --threads {threads} > {log} 2>&1"
