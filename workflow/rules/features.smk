@@ -25,6 +25,8 @@ rule features:
         mem_mb=8000,
         runtime=60,
         gpu=1,
+    conda:
+        "../envs/monoscope.yaml"
     script:
         "../scripts/features.py"
 
@@ -44,5 +46,7 @@ rule site:
     resources:
         mem_mb=4000,
         runtime=30,
+    conda:
+        "../envs/monoscope.yaml"
     script:
         "../scripts/site.py"
