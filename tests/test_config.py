@@ -56,3 +56,20 @@ def test_shards_and_sweep_names():
     assert runs["x8_l1-0.0003"]["expansion_factor"] == 8
     assert runs["x8_l1-0.0003"]["l1_coefficient"] == 3e-4
     assert "expansion_factors" not in runs["x8_l1-0.0003"]
+
+
+def test_command_line_strings_are_read_as_the_schema_types():
+    # What `snakemake --config sae='{gpus: 4, expansion_factors: [1, 2]}' harvest='{dtype: float32}'` delivers.
+    config = validate_config({"sae": {"gpus": "4", "expansion_factors": ["1", "2"], "lr": "1e-3"}, "harvest": {"dtype": "float32"}})
+    assert config["sae"]["gpus"] == 4
+    assert config["sae"]["expansion_factors"] == [1, 2]
+    assert config["sae"]["lr"] == 1e-3
+    assert config["harvest"]["dtype"] == "float32"
+    with pytest.raises(ConfigError, match="'sae.gpus'"):
+        validate_config({"sae": {"gpus": "four"}})
+
+
+def test_shard_names_past_a_thousand_stay_unique_and_ordered():
+    train, held_out = shard_names(validate_config({"corpus": {"n_shards": 2000, "n_eval_shards": 10}}))
+    assert len(set(train)) == 1990 and train[999] == "train_999" and train[1000] == "train_1000"
+    assert held_out[-1] == "eval_009"

@@ -41,6 +41,26 @@ def _with_defaults(validator_class):
     return jsonschema.validators.extend(validator_class, {"properties": set_defaults})
 
 
+def _parse_cli_strings(value: Any, schema: dict[str, Any]) -> Any:
+    """Snakemake's `--config sae='{gpus: 4}'` delivers nested scalars as strings ('4'): read those
+    back as YAML wherever the schema does not want a string, so the command line works as written."""
+    types = schema.get("type", [])
+    types = [types] if isinstance(types, str) else types
+    if isinstance(value, str) and types and "string" not in types:
+        for parse in (int, float, yaml.safe_load):  # float first: YAML reads '1e-3' as a string
+            try:
+                return parse(value)
+            except (ValueError, yaml.YAMLError):
+                continue
+        return value  # left as it is: validation names the key
+    if isinstance(value, dict):
+        properties = schema.get("properties", {})
+        return {k: _parse_cli_strings(v, properties[k]) if k in properties else v for k, v in value.items()}
+    if isinstance(value, list) and isinstance(schema.get("items"), dict):
+        return [_parse_cli_strings(item, schema["items"]) for item in value]
+    return value
+
+
 def _key_path(error: jsonschema.ValidationError) -> str:
     return ".".join(str(part) for part in error.absolute_path) or "<top level>"
 
@@ -57,8 +77,9 @@ def _describe(error: jsonschema.ValidationError) -> str:
 
 def validate_config(config: dict[str, Any]) -> dict[str, Any]:
     """Return a copy of `config` with defaults filled, or raise ConfigError naming every bad key."""
-    config = copy.deepcopy(dict(config))
-    validator = _with_defaults(jsonschema.Draft202012Validator)(load_schema())
+    schema = load_schema()
+    config = _parse_cli_strings(copy.deepcopy(dict(config)), schema)
+    validator = _with_defaults(jsonschema.Draft202012Validator)(schema)
     errors = sorted(validator.iter_errors(config), key=lambda e: list(map(str, e.absolute_path)))
     if errors:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(_describe(e) for e in errors))

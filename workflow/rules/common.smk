@@ -20,7 +20,7 @@ NATIVE = config["model"]["source"] == "native"
 
 
 wildcard_constraints:
-    shard=r"(train|eval)_\d{3}",
+    shard=r"(train|eval)_\d\d\d+",
     name=r"[A-Za-z0-9_.+-]+",
 
 
@@ -51,3 +51,40 @@ def sae_launcher(wildcards, threads):
     if gpus > 1:
         return f"{sys.executable} -m accelerate.commands.launch --multi_gpu --num_processes {gpus}"
     return sys.executable
+
+
+# Resource estimates for a cluster (a local run ignores them). Each Snakemake retry (`attempt`)
+# asks for proportionally more, so a job killed for time or memory gets room on its next try.
+# The width of the hooked activation: known for the native model; for a pretrained one, before
+# anything is loaded, a bound that covers the presets (SmolLM2 1536, GPT-2 3072, Pythia 2048).
+D_IN = config["model"]["native"].get("d_mlp", 512) if NATIVE else 4096
+# A conservative sustained rate for runtime estimates only: an SAE step costs ~6 FLOP per weight per token.
+GPU_FLOPS = 1e13
+
+
+def _sae_widths(wildcards):
+    runs = [SAE_RUNS[wildcards.name]] if hasattr(wildcards, "name") else SAE_RUNS.values()
+    return [D_IN * run["expansion_factor"] for run in runs]
+
+
+def sae_mem_mb(wildcards, attempt):
+    """Weights, gradients and two Adam moments in fp32, plus the loader's mixing buffer, plus 4 GB."""
+    weights_mb = sum(4 * 2 * D_IN * d_sae * 4 for d_sae in _sae_widths(wildcards)) / 1e6
+    buffer_mb = 2 * config["sae"]["buffer_tokens"] * D_IN * 4 / 1e6
+    return int((4000 + weights_mb + buffer_mb) * attempt)
+
+
+def sae_runtime(wildcards, attempt):
+    """Minutes: 30 of start-up and evaluation margin plus the training FLOPs at GPU_FLOPS."""
+    flops = sum(6 * 2 * D_IN * d_sae * config["sae"]["train_tokens"] for d_sae in _sae_widths(wildcards))
+    return int((30 + flops / GPU_FLOPS / 60) * attempt)
+
+
+def sae_gpus(wildcards):
+    """At least one: on a cluster an SAE job belongs on a GPU even when `sae.gpus` leaves it to one process."""
+    return max(1, config["sae"]["gpus"])
+
+
+def scaled(base):
+    """A fixed base amount for jobs whose size the config does not predict, grown on each retry."""
+    return lambda wildcards, attempt: base * attempt

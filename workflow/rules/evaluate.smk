@@ -15,8 +15,8 @@ rule evaluate:
         "results/benchmarks/evaluate/{name}.tsv"
     threads: 2
     resources:
-        mem_mb=8000,
-        runtime=60,
+        mem_mb=scaled(8000),
+        runtime=scaled(60),
         gpu=1,
     conda:
         "../envs/monoscope.yaml"

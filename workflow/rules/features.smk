@@ -22,8 +22,8 @@ rule features:
         "results/benchmarks/features/{name}.tsv"
     threads: 2
     resources:
-        mem_mb=8000,
-        runtime=60,
+        mem_mb=scaled(8000),
+        runtime=scaled(60),
         gpu=1,
     conda:
         "../envs/monoscope.yaml"

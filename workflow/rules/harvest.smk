@@ -13,8 +13,8 @@ rule harvest:
         "results/benchmarks/harvest/{shard}.tsv"
     threads: 2
     resources:
-        mem_mb=8000,
-        runtime=120,
+        mem_mb=scaled(8000),
+        runtime=scaled(120),
         gpu=1,
     conda:
         "../envs/monoscope.yaml"

@@ -17,8 +17,8 @@ if NATIVE:
             "results/benchmarks/train_lm.tsv"
         threads: 2
         resources:
-            mem_mb=6000,
-            runtime=120,
+            mem_mb=scaled(6000),
+            runtime=scaled(120),
             gpu=1,
         conda:
             "../envs/monoscope.yaml"

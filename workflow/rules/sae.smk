@@ -28,9 +28,9 @@ if not JOINT_TRAINING:
             "results/benchmarks/train_sae/{name}.tsv"
         threads: 2
         resources:
-            mem_mb=8000,
-            runtime=240,
-            gpu=lambda wc: config["sae"].get("gpus", 0),
+            mem_mb=sae_mem_mb,
+            runtime=sae_runtime,
+            gpu=sae_gpus,
         conda:
             "../envs/monoscope.yaml"
         shell:
@@ -58,9 +58,9 @@ else:
             "results/benchmarks/train_sae/joint.tsv"
         threads: 2
         resources:
-            mem_mb=8000,
-            runtime=480,
-            gpu=config["sae"].get("gpus", 0),
+            mem_mb=sae_mem_mb,
+            runtime=sae_runtime,
+            gpu=sae_gpus,
         conda:
             "../envs/monoscope.yaml"
         shell:

@@ -51,8 +51,8 @@ rule tokenize_shard:
         "results/logs/tokenize_shard/{shard}.log",
     threads: 1
     resources:
-        mem_mb=4000,
-        runtime=30,
+        mem_mb=2000,
+        runtime=10,
     group:
         "tokenize"
     conda:
