@@ -167,23 +167,13 @@ def test_bad_settings_are_named():
 
 
 def test_rules_plan_one_features_job_per_dictionary_and_the_site(tmp_path):
-    """The lead's Snakefile with features.smk included (as the lead will), planned for the tiny config."""
-    import shutil
     import subprocess
     import sys
 
     repo = Path(__file__).resolve().parents[1]
-    for part in ("Snakefile", "workflow", "config", "tests/config"):
-        copy = shutil.copytree if (repo / part).is_dir() else shutil.copy
-        (tmp_path / part).parent.mkdir(parents=True, exist_ok=True)
-        copy(repo / part, tmp_path / part)
-    snakefile = (tmp_path / "Snakefile").read_text()
-    if "features.smk" not in snakefile:
-        snakefile = snakefile.replace('include: "workflow/rules/report.smk"',
-                                      'include: "workflow/rules/report.smk"\ninclude: "workflow/rules/features.smk"')
-    (tmp_path / "Snakefile").write_text(snakefile)
-    plan = subprocess.run([sys.executable, "-m", "snakemake", "results/report/browser/index.html", "-n", "--configfile",
-                           "tests/config/tiny.yaml", "--quiet", "rules"], cwd=tmp_path, capture_output=True, text=True)
+    plan = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(repo / "Snakefile"), "--directory", str(tmp_path),
+                           "results/report/browser/index.html", "-n", "--configfile", str(repo / "tests" / "config" / "tiny.yaml"),
+                           "--quiet", "rules"], cwd=repo, capture_output=True, text=True)  # fmt: skip
     assert plan.returncode == 0, plan.stdout + plan.stderr
     counts = dict(re.findall(r"^(\w+)\s+(\d+)$", plan.stdout, flags=re.MULTILINE))
     assert counts["features"] == "3" and counts["site"] == "1"  # x1, x2 and the neurons

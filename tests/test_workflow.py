@@ -76,14 +76,6 @@ def test_invalid_config_stops_before_any_job_naming_the_key(tmp_path):
     assert not (tmp_path / "results").exists()
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("tiny")
-    config = write_config(workdir / "c.yaml")
-    snakemake(workdir, "--configfile", str(config))
-    return workdir, config
-
-
 @pytest.mark.workflow
 def test_tiny_end_to_end_outputs_make_sense(tiny_run):
     workdir, _ = tiny_run
