@@ -73,3 +73,10 @@ def test_shard_names_past_a_thousand_stay_unique_and_ordered():
     train, held_out = shard_names(validate_config({"corpus": {"n_shards": 2000, "n_eval_shards": 10}}))
     assert len(set(train)) == 1990 and train[999] == "train_999" and train[1000] == "train_1000"
     assert held_out[-1] == "eval_009"
+
+
+def test_key_order_in_the_yaml_does_not_change_the_validated_config():
+    """Snakemake reruns a job when its params' text changes; reordering keys in a config file must not."""
+    forward = validate_config({"corpus": {"source": "stdlib", "n_shards": 4}, "seed": 1})
+    backward = validate_config({"seed": 1, "corpus": {"n_shards": 4, "source": "stdlib"}})
+    assert repr(forward) == repr(backward)

@@ -86,7 +86,16 @@ def validate_config(config: dict[str, Any]) -> dict[str, Any]:
     problems = list(_cross_key_problems(config))
     if problems:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
-    return config
+    return _sorted_keys(config)
+
+
+def _sorted_keys(value: Any) -> Any:
+    """Snakemake compares params by their text, so key order must not depend on how the YAML was written."""
+    if isinstance(value, dict):
+        return {key: _sorted_keys(value[key]) for key in sorted(value)}
+    if isinstance(value, list):
+        return [_sorted_keys(item) for item in value]
+    return value
 
 
 def _cross_key_problems(config: dict[str, Any]):
