@@ -100,6 +100,8 @@ def test_tiny_end_to_end_outputs_make_sense(tiny_run):
     assert acts.attrs["hook"] == "blocks.0.mlp.hook_post"
     assert acts.attrs["model_id"].startswith("native:")
     assert acts.d == 128 and acts.n_tokens == acts.n_seq * acts.context
+    for m in summary:  # losses on evaluate.max_seqs sequences, densities on every held-out token (budget not reached)
+        assert m["eval_tokens"] == 64 * acts.context and m["density_tokens"] == acts.n_tokens
     for rule_log in ["train_lm.log", "report.log"]:
         assert (results / "logs" / rule_log).exists()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -91,28 +92,35 @@ def evaluate_dictionary(
     def reconstruct(act: torch.Tensor) -> torch.Tensor:
         return dictionary.decode(dictionary.encode(act.float())).to(act.dtype)
 
-    budget = settings["max_seqs"]
-    progress = tqdm(total=budget, desc=f"evaluate {name}", mininterval=10)
-    for activation_store in stores:
-        for tokens, acts in store.iter_sequence_blocks(activation_store, settings["batch_size"]):
-            if n_seq >= budget:
-                break
-            tokens, acts = tokens[: budget - n_seq], acts[: budget - n_seq]
-            x = torch.from_numpy(acts).flatten(0, 1).to(device())  # [b*s, d_in]
-            f = dictionary.encode(x)  # [b*s, d_sae]
-            x_hat = dictionary.decode(f)
-            stats.update(f.cpu())
-            sq_err += (x - x_hat).pow(2).sum().item()
-            act_sum += x.sum(0, dtype=torch.float64).cpu()
-            act_sq_sum += x.double().pow(2).sum().item()
-            batch = torch.from_numpy(tokens).long()
-            losses["clean"] += models.loss_with_hook(bridge, batch, hook, None).sum().item()
-            losses["recons"] += models.loss_with_hook(bridge, batch, hook, reconstruct).sum().item()
-            losses["zero_abl"] += models.loss_with_hook(bridge, batch, hook, torch.zeros_like).sum().item()
-            n_seq += len(tokens)
-            progress.update(len(tokens))
+    # The losses need three forward passes of the model per block; feature densities only the encoder,
+    # so they are measured on many more tokens: rare features are not miscounted as dead.
+    loss_budget, density_budget = settings["max_seqs"], settings["density_tokens"]
+    blocks = itertools.chain.from_iterable(store.iter_sequence_blocks(s, settings["batch_size"]) for s in stores)
+    progress = tqdm(total=loss_budget, desc=f"evaluate {name}", mininterval=10)
+    n_tokens = 0  # tokens the losses and reconstruction errors are measured on
+    for tokens, acts in blocks:
+        with_losses = n_seq < loss_budget
+        if not with_losses and stats.n_tokens >= density_budget:
+            break
+        if with_losses:
+            tokens, acts = tokens[: loss_budget - n_seq], acts[: loss_budget - n_seq]
+        x = torch.from_numpy(acts).flatten(0, 1).to(device())  # [b*s, d_in]
+        f = dictionary.encode(x)  # [b*s, d_sae]
+        stats.update(f.cpu())
+        if not with_losses:
+            continue
+        x_hat = dictionary.decode(f)
+        sq_err += (x - x_hat).pow(2).sum().item()
+        act_sum += x.sum(0, dtype=torch.float64).cpu()
+        act_sq_sum += x.double().pow(2).sum().item()
+        batch = torch.from_numpy(tokens).long()
+        losses["clean"] += models.loss_with_hook(bridge, batch, hook, None).sum().item()
+        losses["recons"] += models.loss_with_hook(bridge, batch, hook, reconstruct).sum().item()
+        losses["zero_abl"] += models.loss_with_hook(bridge, batch, hook, torch.zeros_like).sum().item()
+        n_seq += len(tokens)
+        n_tokens += len(x)
+        progress.update(len(tokens))
     progress.close()
-    n_tokens = stats.n_tokens
     mean = act_sum / n_tokens
     total_variance = act_sq_sum - n_tokens * mean.pow(2).sum().item()  # sum over tokens of |x - mean|^2
     losses = {k: v / n_seq for k, v in losses.items()}
@@ -125,13 +133,14 @@ def evaluate_dictionary(
         "expansion_factor": dictionary.d_sae / d_in,
         "eval_sequences": n_seq,
         "eval_tokens": n_tokens,
+        "density_tokens": stats.n_tokens,
         "clean_loss": losses["clean"],
         "recons_loss": losses["recons"],
         "zero_abl_loss": losses["zero_abl"],
         "reconstruction_score": reconstruction_score(losses["clean"], losses["recons"], losses["zero_abl"]),
         "mse": sq_err / (n_tokens * d_in),
         "fvu": sq_err / total_variance,
-        "l0": stats.l0_sum / n_tokens,
+        "l0": stats.l0_sum / stats.n_tokens,
         "dead_fraction": float((table["density"] == 0).mean()),
         "dense_fraction": float((table["density"] > dense_threshold).mean()),
         "dense_threshold": dense_threshold,

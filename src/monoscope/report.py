@@ -133,7 +133,9 @@ The <em>neurons</em> row is the identity dictionary: the MLP's own basis, for co
 <p><a href="browser/index.html">Browse every feature and neuron</a>: max-activating examples, logit weights,
 ablation effects and concept probes.</p>
 <h2>Features versus neurons</h2>
-<p>Reconstruction score = (zero-ablated loss − spliced loss) / (zero-ablated loss − clean loss).</p>
+<p>Reconstruction score = (zero-ablated loss − spliced loss) / (zero-ablated loss − clean loss), on
+{metrics[0]["eval_tokens"]:,} held-out tokens. L0, dead (never fired) and dense (fired on more than
+{metrics[0]["dense_threshold"]:.0%} of tokens) on {metrics[0]["density_tokens"]:,} held-out tokens.</p>
 <table id="summary"><thead><tr>{header}</tr></thead><tbody>
 {''.join(rows)}
 </tbody></table>
