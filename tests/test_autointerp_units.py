@@ -9,11 +9,11 @@ import pytest
 
 from monoscope.autointerp.client import ClientConfig, LLMClient, ResponseCache, cache_key
 from monoscope.autointerp.pipeline import AutointerpSettings, select_units
-from monoscope.autointerp.prompts import all_at_once_prompt, clean_explanation, format_record
+from monoscope.autointerp.prompts import UNKNOWN, all_at_once_prompt, clean_explanation, format_record
 from monoscope.autointerp.ratings import export_sheet, ingest_ratings
 from monoscope.autointerp.records import collect_records, quantise
 from monoscope.autointerp.score import bootstrap_mean_ci, compare_dictionaries, correlation_scores
-from monoscope.autointerp.simulate import BadAnswer, expected_value, parse_json_list
+from monoscope.autointerp.simulate import BadAnswer, expected_value, parse_json_list, simulate_record
 
 
 def random_blocks(n_blocks=5, b=8, context=16, d=6, seed=0):
@@ -173,3 +173,47 @@ def test_rating_sheet_round_trip(tmp_path):
         writer.writerows(rows)
     with pytest.raises(ValueError, match="bob.csv:2: confidence must be an integer 1..5"):
         ingest_ratings(filled, tmp_path / "out" / "ratings_key.csv")
+
+
+class PromptLogprobsEndpoint:
+    """Answers a legacy completions request the way vLLM (prompt_logprobs) or an echo endpoint does: the
+    prompt split into tokens at every placeholder, each placeholder's distribution over numbers set here."""
+
+    def __init__(self, placeholder_distributions):
+        self.placeholder_distributions = placeholder_distributions
+        self.bodies = []
+
+    async def request(self, kind, body):
+        self.bodies.append((kind, body))
+        prompt = body["prompt"]
+        starts = [i + 1 for i in range(len(prompt)) if prompt.startswith(f"\t{UNKNOWN}\n", i)]  # a record's rows
+        boundaries = sorted({0, *starts, *(s + len(UNKNOWN) for s in starts)})
+        distributions = [{" the": -0.1}] * len(boundaries)
+        for start, distribution in zip(starts, self.placeholder_distributions):
+            distributions[boundaries.index(start)] = distribution
+        choice = {"text": "", "logprobs": {"text_offset": boundaries}}
+        if "prompt_logprobs" in body:  # vLLM: {token_id: {logprob, decoded_token}}, None for the first token
+            choice["prompt_logprobs"] = [None] + [
+                {str(i): {"logprob": lp, "decoded_token": tok} for i, (tok, lp) in enumerate(d.items())}
+                for d in distributions[1:]]
+        else:
+            choice["logprobs"]["top_logprobs"] = distributions
+        return {"choices": [choice]}
+
+
+@pytest.mark.parametrize("method", ["prompt_logprobs", "echo"])
+def test_all_at_once_simulation_reads_each_placeholders_distribution(method):
+    prompt, offsets = all_at_once_prompt("loops", ["for", " x", " in"])
+    assert [prompt[o - 1:o + len(UNKNOWN) + 1] for o in offsets] == [f"\t{UNKNOWN}\n"] * 3
+    assert prompt.count(f"\t{UNKNOWN}\n") == 3  # only the placeholders, as the endpoint above assumes
+    endpoint = PromptLogprobsEndpoint([
+        {"10": 0.0},                                  # certain: 10
+        {"2": math.log(0.5), " 4": math.log(0.5)},    # expected value 3, leading space ignored
+        {"zero": 0.0},                                # no number: unparsed, predicted 0
+    ])
+    simulation = asyncio.run(simulate_record(endpoint, method, "loops", ["for", " x", " in"], top_logprobs=5))
+    assert simulation.predicted == pytest.approx([10.0, 3.0, 0.0])
+    assert simulation.unparsed == 1
+    (kind, body), = endpoint.bodies
+    assert kind == "completions" and body["echo"] is True and body["max_tokens"] == 1
+    assert ("prompt_logprobs" in body) == (method == "prompt_logprobs")
