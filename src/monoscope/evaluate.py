@@ -99,16 +99,16 @@ def evaluate_dictionary(
     progress = tqdm(total=loss_budget, desc=f"evaluate {name}", mininterval=10)
     n_tokens = 0  # tokens the losses and reconstruction errors are measured on
     for tokens, acts in blocks:
-        with_losses = n_seq < loss_budget
-        if not with_losses and stats.n_tokens >= density_budget:
+        if n_seq >= loss_budget and stats.n_tokens >= density_budget:
             break
-        if with_losses:
-            tokens, acts = tokens[: loss_budget - n_seq], acts[: loss_budget - n_seq]
         x = torch.from_numpy(acts).flatten(0, 1).to(device())  # [b*s, d_in]
         f = dictionary.encode(x)  # [b*s, d_sae]
-        stats.update(f.cpu())
-        if not with_losses:
+        stats.update(f.cpu())  # every token of the block, also past the loss budget
+        if n_seq >= loss_budget:
             continue
+        n_loss_seqs = min(len(tokens), loss_budget - n_seq)
+        tokens = tokens[:n_loss_seqs]
+        x, f = x[: n_loss_seqs * tokens.shape[1]], f[: n_loss_seqs * tokens.shape[1]]
         x_hat = dictionary.decode(f)
         sq_err += (x - x_hat).pow(2).sum().item()
         act_sum += x.sum(0, dtype=torch.float64).cpu()
