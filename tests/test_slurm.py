@@ -174,9 +174,22 @@ def test_a_failed_job_fails_the_run_naming_its_log_and_a_rerun_resumes(slurm_run
 
 def test_dry_run_shows_an_sae_job_on_n_gpus_launched_by_accelerate(tmp_path):
     tiny_config(tmp_path, gpus=4)
-    plan = snakemake(tmp_path, "-n", "--profile", "profiles/slurm", "--configfile", str(tmp_path / "c.yaml")).stdout
-    train_sae = [block for block in plan.split("\n\n") if "rule train_sae:" in block]
+    cluster_settings = {"MONOSCOPE_SLURM_PARTITION": "cpu-q", "MONOSCOPE_SLURM_GPU_PARTITION": "gpu-q",
+                        "MONOSCOPE_SLURM_ACCOUNT": "lab-7"}  # fmt: skip
+    plan = run(
+        [str(SNAKEMAKE), "-s", str(REPO / "Snakefile"), "--directory", str(tmp_path), "-n",
+         "--profile", "profiles/slurm", "--configfile", str(tmp_path / "c.yaml")],
+        env={**os.environ, **cluster_settings},
+    ).stdout  # fmt: skip
+    blocks = plan.split("\n\n")
+    train_sae = [block for block in blocks if "rule train_sae:" in block]
     assert len(train_sae) == 2
     for block in train_sae:
         assert "gpu=4" in block
         assert re.search(r"-m accelerate\.commands\.launch --multi_gpu --num_processes 4 \S*workflow/scripts/train_sae\.py", block)
+    # The documented settings reach every job: GPU rules to the GPU partition, the rest to the other.
+    for block in blocks:
+        rule = re.search(r"rule (\w+):", block)
+        if rule and rule[1] != "all":
+            partition = "gpu-q" if rule[1] in GPU_RULES else "cpu-q"
+            assert f"slurm_partition={partition}," in block and "slurm_account=lab-7" in block, block

@@ -30,6 +30,23 @@ def test_jsonl_and_txt_files_split_deterministically(tmp_path):
     assert corpus.split_into_shards(cfg, seed=2) != first
 
 
+def test_corpus_directory_holds_every_shard_and_a_manifest_and_is_replaced_whole(tmp_path):
+    for i in range(6):
+        (tmp_path / f"doc{i}.txt").write_text(f"document number {i}")
+    cfg, out = _files_config([str(tmp_path / "*.txt")]), tmp_path / "corpus"
+    names = ["train_000", "train_001", "eval_000"]
+    manifest = corpus.write_corpus(cfg, 0, out, names)
+    assert sorted(p.name for p in out.iterdir()) == sorted([*(f"{n}.jsonl" for n in names), "manifest.json"])
+    assert json.loads((out / "manifest.json").read_text()) == manifest
+    texts = [t for n in names for t in corpus.read_shard_texts(corpus.shard_text_path(out, n))]
+    assert sorted(texts) == [f"document number {i}" for i in range(6)]
+    (out / "stale.jsonl").write_text("from an earlier run")
+    corpus.write_corpus(cfg, 1, out, names)
+    assert not (out / "stale.jsonl").exists() and not (tmp_path / "corpus.tmp").exists()
+    with pytest.raises(ValueError, match="3 shards of text for 2 shard names"):
+        corpus.write_corpus(cfg, 0, tmp_path / "other", names[:2])
+
+
 def test_missing_jsonl_field_is_named(tmp_path):
     (tmp_path / "b.jsonl").write_text(json.dumps({"text": "x"}) + "\n")
     with pytest.raises(KeyError, match="no field 'body'"):

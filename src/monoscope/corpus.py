@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import json
 import random
+import shutil
 import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
@@ -103,21 +104,36 @@ def split_into_shards(corpus: dict[str, Any], seed: int) -> list[list[tuple[str,
     return [docs[i::n_shards] for i in range(n_shards)]
 
 
-def write_shard_texts(corpus: dict[str, Any], seed: int, out_paths: list[str]) -> dict[str, Any]:
-    """Write shard i as JSONL of {"name", "text"} to out_paths[i]; return a manifest."""
+def write_corpus(corpus: dict[str, Any], seed: int, out_dir: str | Path, shard_names: list[str]) -> dict[str, Any]:
+    """Write shard i as JSONL of {"name", "text"} to out_dir/<shard_names[i]>.jsonl, plus manifest.json.
+
+    One directory rather than one output per shard: with thousands of shards, Snakemake matches
+    every requested file against every output of a rule, so per-shard outputs make planning
+    quadratic in shards. Written beside out_dir and renamed when whole.
+    """
     shards = split_into_shards(corpus, seed)
+    if len(shards) != len(shard_names):
+        raise ValueError(f"{len(shards)} shards of text for {len(shard_names)} shard names")
+    out_dir = Path(out_dir)
+    tmp_dir = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    tmp_dir.mkdir(parents=True)
     manifest = {"source": corpus["source"], "seed": seed, "shards": []}
-    for path, docs in zip(out_paths, shards, strict=True):
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(path).with_suffix(".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
+    for shard, docs in zip(shard_names, shards, strict=True):
+        with open(tmp_dir / f"{shard}.jsonl", "w", encoding="utf-8") as f:
             for name, text in docs:
                 f.write(json.dumps({"name": name, "text": text}) + "\n")
-        tmp.replace(path)
         manifest["shards"].append(
-            {"path": str(path), "documents": len(docs), "bytes": sum(len(t.encode("utf-8")) for _, t in docs)}
+            {"shard": shard, "documents": len(docs), "bytes": sum(len(t.encode("utf-8")) for _, t in docs)}
         )
+    (tmp_dir / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp_dir.rename(out_dir)
     return manifest
+
+
+def shard_text_path(corpus_dir: str | Path, shard: str) -> Path:
+    return Path(corpus_dir) / f"{shard}.jsonl"
 
 
 def read_shard_texts(path: str | Path) -> Iterator[str]:

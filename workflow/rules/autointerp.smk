@@ -24,6 +24,7 @@ rule autointerp:
         "results/benchmarks/autointerp/{name}.tsv"
     threads: 1
     resources:
+        **SLURM_CPU,
         mem_mb=4000,
         runtime=240,
     conda:
@@ -51,6 +52,7 @@ rule compare_autointerp:
         "results/logs/compare_autointerp.log",
     threads: 1
     resources:
+        **SLURM_CPU,
         mem_mb=2000,
         runtime=10,
     conda:

@@ -1,4 +1,5 @@
 # Validation, derived names and input functions. No rules here.
+import os
 import sys
 
 from monoscope.config import ConfigError, NEURONS, hook_name, sae_runs, shard_names, validate_config
@@ -51,6 +52,16 @@ def sae_launcher(wildcards, threads):
     if gpus > 1:
         return f"{sys.executable} -m accelerate.commands.launch --multi_gpu --num_processes {gpus}"
     return sys.executable
+
+
+# Where Slurm jobs go (docs/cluster.md), read once from the environment; a local run ignores them.
+# Constants in each rule's resources, not expressions in the profile: the profile's expressions were
+# evaluated once per job, seconds of planning at thousands of shards. Empty: the cluster's default.
+SLURM_CPU = {
+    "slurm_partition": os.environ.get("MONOSCOPE_SLURM_PARTITION", ""),
+    "slurm_account": os.environ.get("MONOSCOPE_SLURM_ACCOUNT", ""),
+}
+SLURM_GPU = SLURM_CPU | {"slurm_partition": os.environ.get("MONOSCOPE_SLURM_GPU_PARTITION") or SLURM_CPU["slurm_partition"]}
 
 
 # Resource estimates for a cluster (a local run ignores them). Each Snakemake retry (`attempt`)

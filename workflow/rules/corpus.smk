@@ -1,14 +1,17 @@
 rule split_corpus:
     output:
-        texts=expand("results/corpus/{shard}.jsonl", shard=ALL_SHARDS),
-        manifest="results/corpus/manifest.json",
+        # One directory of <shard>.jsonl and manifest.json, not one output per shard: planning
+        # matches every file against every output of a rule, quadratic in shards.
+        directory("results/corpus"),
     params:
         corpus=config["corpus"],
         seed=config["seed"],
+        shards=ALL_SHARDS,
     log:
         "results/logs/split_corpus.log",
     threads: 1
     resources:
+        **SLURM_CPU,
         mem_mb=4000,
         runtime=30,
     conda:

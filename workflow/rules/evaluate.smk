@@ -15,6 +15,7 @@ rule evaluate:
         "results/benchmarks/evaluate/{name}.tsv"
     threads: 2
     resources:
+        **SLURM_GPU,
         mem_mb=scaled(8000),
         runtime=scaled(60),
         gpu=1,

@@ -22,6 +22,7 @@ rule features:
         "results/benchmarks/features/{name}.tsv"
     threads: 2
     resources:
+        **SLURM_GPU,
         mem_mb=scaled(8000),
         runtime=scaled(60),
         gpu=1,
@@ -44,6 +45,7 @@ rule site:
         "results/benchmarks/site.tsv"
     threads: 1
     resources:
+        **SLURM_CPU,
         mem_mb=4000,
         runtime=30,
     conda:

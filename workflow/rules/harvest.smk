@@ -13,6 +13,7 @@ rule harvest:
         "results/benchmarks/harvest/{shard}.tsv"
     threads: 2
     resources:
+        **SLURM_GPU,
         # Constants, not functions: with thousands of shards every per-job evaluation shows in planning.
         # Memory is bounded by the batch and one chunk, whatever the shard's size.
         mem_mb=8000,

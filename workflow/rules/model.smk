@@ -17,6 +17,7 @@ if NATIVE:
             "results/benchmarks/train_lm.tsv"
         threads: 2
         resources:
+            **SLURM_GPU,
             mem_mb=scaled(6000),
             runtime=scaled(120),
             gpu=1,
@@ -38,6 +39,7 @@ else:
             "results/benchmarks/prepare_model.tsv"
         threads: 2
         resources:
+            **SLURM_CPU,
             mem_mb=16000,
             runtime=60,
         conda:

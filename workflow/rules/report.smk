@@ -12,6 +12,7 @@ rule report:
         "results/logs/report.log",
     threads: 1
     resources:
+        **SLURM_CPU,
         mem_mb=4000,
         runtime=30,
     conda:

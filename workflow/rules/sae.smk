@@ -28,6 +28,7 @@ if not JOINT_TRAINING:
             "results/benchmarks/train_sae/{name}.tsv"
         threads: 2
         resources:
+            **SLURM_GPU,
             mem_mb=sae_mem_mb,
             runtime=sae_runtime,
             gpu=sae_gpus,
@@ -58,6 +59,7 @@ else:
             "results/benchmarks/train_sae/joint.tsv"
         threads: 2
         resources:
+            **SLURM_GPU,
             mem_mb=sae_mem_mb,
             runtime=sae_runtime,
             gpu=sae_gpus,

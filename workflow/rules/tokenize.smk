@@ -2,10 +2,12 @@ if NATIVE:
 
     rule train_tokenizer:
         input:
-            expand("results/corpus/{shard}.jsonl", shard=TRAIN_SHARDS),
+            corpus="results/corpus",
         output:
             "results/tokenizer/tokenizer_config.json",
         params:
+            # Trained on the training shards only, so held-out text stays unseen.
+            shards=TRAIN_SHARDS,
             vocab_size=config["tokenizer"]["vocab_size"],
         log:
             "results/logs/train_tokenizer.log",
@@ -13,6 +15,7 @@ if NATIVE:
             "results/benchmarks/train_tokenizer.tsv"
         threads: 2
         resources:
+            **SLURM_CPU,
             mem_mb=4000,
             runtime=30,
         conda:
@@ -31,6 +34,7 @@ else:
             "results/logs/save_model_tokenizer.log",
         threads: 1
         resources:
+            **SLURM_CPU,
             mem_mb=4000,
             runtime=30,
         conda:
@@ -41,7 +45,7 @@ else:
 
 rule tokenize_shard:
     input:
-        text="results/corpus/{shard}.jsonl",
+        corpus="results/corpus",
         tokenizer="results/tokenizer/tokenizer_config.json",
     output:
         directory("results/tokens/{shard}.zarr"),
@@ -51,6 +55,7 @@ rule tokenize_shard:
         "results/logs/tokenize_shard/{shard}.log",
     threads: 1
     resources:
+        **SLURM_CPU,
         mem_mb=2000,
         runtime=10,
     group:

@@ -1,10 +1,8 @@
 import json
 
-from monoscope.corpus import write_shard_texts
+from monoscope.corpus import write_corpus
 from monoscope.runtime import start_job
 
 start_job(snakemake)
-manifest = write_shard_texts(snakemake.params.corpus, snakemake.params.seed, list(snakemake.output.texts))
-with open(snakemake.output.manifest, "w") as f:
-    json.dump(manifest, f, indent=1)
+manifest = write_corpus(snakemake.params.corpus, snakemake.params.seed, snakemake.output[0], snakemake.params.shards)
 print(json.dumps(manifest))
