@@ -102,3 +102,19 @@ def test_mantissa_rounding_bounds_the_error_and_shrinks_the_store(tmp_path):
         assert rel_rms < (1e-3 if bits is None else 3e-3)
         sizes[bits] = sum(f.stat().st_size for f in (path / "acts").rglob("*") if f.is_file())
     assert sizes[8] < 0.9 * sizes[None]
+
+
+@pytest.mark.parametrize("dtype,keep", [(np.float16, 8), (np.float16, 3), (np.float32, 8), (np.float32, 20)])
+def test_round_mantissa_matches_numcodecs_bitround_and_leaves_the_callers_array_alone(tmp_path, dtype, keep):
+    from numcodecs import BitRound
+
+    rng = np.random.default_rng(1)
+    values = (rng.normal(size=(4096, 8)) * 10.0 ** rng.integers(-3, 3, (4096, 1))).astype(dtype)
+    expected = np.frombuffer(BitRound(keepbits=keep).encode(values.copy()), dtype=dtype).reshape(values.shape)
+    assert np.array_equal(store.round_mantissa(values.copy(), keep).view(np.uint8), expected.view(np.uint8))
+    original = values.copy()
+    path = tmp_path / "r.zarr"
+    store.write_activation_store(path, values, np.zeros((128, 32), np.int32), {}, chunk_tokens=1000,
+                                 dtype=np.dtype(dtype).name, codec=store.CodecSpec(keep_mantissa_bits=keep))  # fmt: skip
+    assert np.array_equal(values, original)
+    assert np.array_equal(store.open_activations(path).acts[:].view(np.uint8), expected.view(np.uint8))

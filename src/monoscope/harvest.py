@@ -37,6 +37,7 @@ def harvest_shard(
         "source_shard": str(token_shard),
         "tokenizer_id": token_attrs.get("tokenizer_id"),
     }
+    store_dtype = getattr(torch, harvest["dtype"])  # converted by torch: numpy's float16 cast is ~7x slower
     forward_s = 0.0
     start = time.perf_counter()
     with store.ActivationStoreWriter(out_path, tokens, d, harvest["dtype"], chunk_tokens, attrs, codec) as writer:
@@ -45,7 +46,7 @@ def harvest_shard(
             t = time.perf_counter()
             acts = run_to_hook(bridge, batch, hook)  # [b, s, d]
             forward_s += time.perf_counter() - t
-            writer.append(acts.flatten(0, 1).float().numpy())
+            writer.append(acts.flatten(0, 1).to(store_dtype).numpy())
     total_s = time.perf_counter() - start
     summary = {"tokens": int(tokens.size), "d": d, "forward_s": forward_s, "total_s": total_s,
                "store_overhead": (total_s - forward_s) / forward_s}
