@@ -43,12 +43,15 @@ class FeatureStats:
         self.l0_sum = 0.0
 
     def update(self, f: torch.Tensor) -> None:
-        active = f > 0
-        self.fires += active.sum(0, dtype=torch.float64)
-        self.total += f.clamp(min=0).sum(0, dtype=torch.float64)
-        self.max = torch.maximum(self.max, f.max(0).values)
+        """f [n, d_sae]. Only the active entries are touched after one comparison: an SAE's are ~0.3 %
+        of them, and dense reductions over [n, d_sae] cost as much as encoding did."""
+        token, unit = (f > 0).nonzero(as_tuple=True)
+        values = f[token, unit]
+        self.fires.index_add_(0, unit, torch.ones_like(values, dtype=torch.float64))
+        self.total.index_add_(0, unit, values.double())
+        self.max.scatter_reduce_(0, unit, values, "amax")
         self.n_tokens += len(f)
-        self.l0_sum += active.sum().item()
+        self.l0_sum += len(values)
 
     def table(self) -> pd.DataFrame:
         density = (self.fires / self.n_tokens).numpy()

@@ -130,7 +130,7 @@ class SAE(nn.Module):
     # --- the model, in the normalised space -------------------------------------------------------
 
     def pre_activations(self, x_n: torch.Tensor) -> torch.Tensor:
-        return (x_n - self.b_dec) @ self.W_enc + self.b_enc  # [..., d_sae]
+        return F.linear(x_n - self.b_dec, self.W_enc.T, self.b_enc)  # [..., d_sae]; bias added in the GEMM
 
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
         arch = self.cfg.architecture
