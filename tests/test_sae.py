@@ -128,14 +128,22 @@ def test_identity_dictionary_is_the_neurons():
     assert torch.equal(neurons.encode(x), x) and torch.equal(neurons.decode(x), x)
 
 
-def test_hand_written_relu_gradients_match_autograd():
+@pytest.mark.parametrize("products", ["dense", "sparse"])
+def test_hand_written_relu_gradients_match_autograd(monkeypatch, products):
+    from monoscope import sae as sae_module
+
+    monkeypatch.setattr(sae_module, "SPARSE_MAX_DENSITY", 1.0 if products == "sparse" else -1.0)
     sae = make_sae("relu").double()
+    with torch.no_grad():
+        sae.b_enc.normal_()  # some features off, some on: the sparse products must skip the right ones
+        sae.b_dec.normal_()
     x = torch.randn(40, 16, dtype=torch.float64)
     expected = sae.training_losses(x, 0.3)
     expected["loss"].backward()
     autograd = {name: p.grad.clone() for name, p in sae.named_parameters()}
     sae.zero_grad(set_to_none=True)
     terms = sae.relu_losses_and_grads(x, 0.3)
+    assert 0.1 < (terms["f"] > 0).double().mean() < 0.9
     for key in ("mse", "l1", "loss"):
         assert torch.allclose(terms[key], expected[key]), key
     for name, p in sae.named_parameters():
