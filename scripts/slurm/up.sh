@@ -4,8 +4,9 @@
 #   sudo bash scripts/slurm/up.sh      # installs (Debian), configures, starts, waits until the node is idle
 #   sudo bash scripts/slurm/down.sh    # stops the daemons by PID and removes their state
 #
-# The node offers SLURM_NODE_CPUS CPUs (default: all of them; more lets short jobs overlap), 90 % of
-# the memory and SLURM_FAKE_GPUS (default 1) fake GPUs (gres "gpu" backed by /dev/null), so rules that
+# The node offers SLURM_NODE_CPUS CPUs (default: all of them; more lets short jobs overlap),
+# SLURM_NODE_MEM_MB of memory (default: 90 % of it; more lets jobs that ask for more than they use
+# overlap) and SLURM_FAKE_GPUS (default 1) fake GPUs (gres "gpu" backed by /dev/null), so rules that
 # ask for `gpu` are scheduled exactly as on a GPU cluster and then run on the CPU. There is no accounting daemon: query job states with squeue
 # (`--slurm-status-command squeue`), as sacct has nothing to ask.
 # No systemd is needed: munged, slurmctld and slurmd are started directly and their PIDs kept in
@@ -51,7 +52,7 @@ done
 
 mkdir -p "$STATE/ctld" "$STATE/d" "$STATE/munge" "$CONF_DIR"
 HOST=$(hostname -s)
-MEM_MB=$(($(awk '/^MemTotal/ {print $2}' /proc/meminfo) / 1024 * 9 / 10))
+MEM_MB=${SLURM_NODE_MEM_MB:-$(($(awk '/^MemTotal/ {print $2}' /proc/meminfo) / 1024 * 9 / 10))}
 
 # munge: authentication between the daemons and the client commands.
 if [[ ! -s /etc/munge/munge.key ]]; then
@@ -79,7 +80,7 @@ SlurmctldLogFile=$STATE/slurmctld.log
 SlurmdLogFile=$STATE/slurmd.log
 SlurmctldDebug=info
 SlurmdDebug=info
-# Trust the CPU count below even where it exceeds the hardware (SLURM_NODE_CPUS).
+# Trust the CPU and memory counts below even where they exceed the hardware (SLURM_NODE_CPUS, SLURM_NODE_MEM_MB).
 SlurmdParameters=config_overrides
 # No cgroups here (containers, CI): track processes by parent PID.
 ProctrackType=proctrack/linuxproc
