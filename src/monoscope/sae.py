@@ -38,9 +38,9 @@ from monoscope import __version__
 ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu")
 WEIGHTS_FILE = "sae.safetensors"
 CONFIG_FILE = "cfg.json"
-# Above this fraction of active (token, feature) entries the relu step's products stay dense:
-# the CSR products' cost grows with the entries and passes the dense GEMMs' near this fraction
-# (benchmarks/bench_sae.py --sparse-crossover). Early in training half the features fire.
+# Above this fraction of active (token, feature) entries the relu step's products stay dense: the
+# CSR products' cost grows with the entries. Measured here (8x, batch 4096, 2 cores): 0.6 % active,
+# CSR step 3.2x faster; 16 %, about even. Early in training half the features fire.
 SPARSE_MAX_DENSITY = 0.1
 
 
