@@ -42,7 +42,8 @@ def test_corpus_directory_holds_every_shard_and_a_manifest_and_is_replaced_whole
     assert sorted(texts) == [f"document number {i}" for i in range(6)]
     (out / "stale.jsonl").write_text("from an earlier run")
     corpus.write_corpus(cfg, 1, out, names)
-    assert not (out / "stale.jsonl").exists() and not (tmp_path / "corpus.tmp").exists()
+    assert not (out / "stale.jsonl").exists()
+    assert [p.name for p in tmp_path.iterdir() if "corpus" in p.name] == ["corpus"]  # no temporary left beside it
     with pytest.raises(ValueError, match="3 shards of text for 2 shard names"):
         corpus.write_corpus(cfg, 0, tmp_path / "other", names[:2])
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 import glob
 import json
 import random
-import shutil
 import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from monoscope.store import atomic_path
 
 
 def stdlib_documents() -> Iterator[tuple[str, str]]:
@@ -114,21 +115,17 @@ def write_corpus(corpus: dict[str, Any], seed: int, out_dir: str | Path, shard_n
     shards = split_into_shards(corpus, seed)
     if len(shards) != len(shard_names):
         raise ValueError(f"{len(shards)} shards of text for {len(shard_names)} shard names")
-    out_dir = Path(out_dir)
-    tmp_dir = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    tmp_dir.mkdir(parents=True)
     manifest = {"source": corpus["source"], "seed": seed, "shards": []}
-    for shard, docs in zip(shard_names, shards, strict=True):
-        with open(tmp_dir / f"{shard}.jsonl", "w", encoding="utf-8") as f:
-            for name, text in docs:
-                f.write(json.dumps({"name": name, "text": text}) + "\n")
-        manifest["shards"].append(
-            {"shard": shard, "documents": len(docs), "bytes": sum(len(t.encode("utf-8")) for _, t in docs)}
-        )
-    (tmp_dir / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp_dir.rename(out_dir)
+    with atomic_path(out_dir) as tmp_dir:
+        tmp_dir.mkdir()
+        for shard, docs in zip(shard_names, shards, strict=True):
+            with open(tmp_dir / f"{shard}.jsonl", "w", encoding="utf-8") as f:
+                for name, text in docs:
+                    f.write(json.dumps({"name": name, "text": text}) + "\n")
+            manifest["shards"].append(
+                {"shard": shard, "documents": len(docs), "bytes": sum(len(t.encode("utf-8")) for _, t in docs)}
+            )
+        (tmp_dir / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return manifest
 
 
