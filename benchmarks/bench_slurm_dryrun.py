@@ -4,7 +4,7 @@
 
 Runs `snakemake -n --profile profiles/slurm` in an empty directory (so every job is planned and
 printed, as a user sees it; output captured) and prints the wall time of each repeat, the median against the 10 s target, the number of jobs planned
-and the number of sbatch submissions the tokenize grouping leaves. Needs no cluster: a dry run
+and how many of them are tokenize and harvest batches. Needs no cluster: a dry run
 submits nothing.
 """
 
@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 
 import yaml
+
+from monoscope.config import validate_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SNAKEMAKE = Path(sys.executable).with_name("snakemake")
@@ -50,14 +52,13 @@ def main() -> None:
                 sys.exit(f"dry run failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
 
     counts = {rule: int(n) for rule, n in re.findall(r"^(\w+)\s+(\d+)$", result.stdout, flags=re.M)}
-    group_size = yaml.safe_load((ROOT / "profiles" / "slurm" / "config.yaml").read_text())["group-components"]["tokenize"]
-    tokenize_jobs = counts.get("tokenize_shard", 0)
-    submissions = counts["total"] - counts.get("all", 0) - tokenize_jobs + -(-tokenize_jobs // group_size)
+    batch_jobs = sum(n for rule, n in counts.items() if rule.startswith(("tokenize_", "harvest_")))
     median = statistics.median(seconds)
     print(f"dry run, {args.shards} shards x {len(args.sizes)} dictionary sizes: "
           + ", ".join(f"{s:.2f}" for s in seconds) + " s")  # fmt: skip
     print(f"median {median:.2f} s (target <= {TARGET_S:.0f} s: {'met' if median <= TARGET_S else 'MISSED'})")
-    print(f"jobs planned: {counts['total']}; sbatch submissions with tokenize grouped by {group_size}: {submissions}")
+    print(f"jobs planned: {counts['total']} (sbatch submissions: {counts['total'] - counts.get('all', 0)}), of which "
+          f"{batch_jobs} tokenize and harvest jobs of {validate_config(config)['corpus']['shards_per_job']} shards each")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 import pytest
 import yaml
 
-from monoscope.config import SCHEMA_PATH, ConfigError, sae_runs, shard_names, validate_config
+from monoscope.config import SCHEMA_PATH, ConfigError, sae_runs, shard_batches, shard_names, validate_config
 
 
 def test_defaults_fill_every_block():
@@ -73,6 +73,16 @@ def test_shard_names_past_a_thousand_stay_unique_and_ordered():
     train, held_out = shard_names(validate_config({"corpus": {"n_shards": 2000, "n_eval_shards": 10}}))
     assert len(set(train)) == 1990 and train[999] == "train_999" and train[1000] == "train_1000"
     assert held_out[-1] == "eval_009"
+
+
+def test_shard_batches_cover_every_shard_once_in_order():
+    config = validate_config({"corpus": {"n_shards": 2000, "n_eval_shards": 10, "shards_per_job": 50}})
+    batches = shard_batches(config)
+    assert len(batches) == 40 and list(batches)[0] == "000" and list(batches)[-1] == "039"
+    train, held_out = shard_names(config)
+    assert [shard for batch in batches.values() for shard in batch] == train + held_out
+    uneven = shard_batches(validate_config({"corpus": {"n_shards": 5, "n_eval_shards": 1, "shards_per_job": 2}}))
+    assert uneven == {"000": ["train_000", "train_001"], "001": ["train_002", "train_003"], "002": ["eval_000"]}
 
 
 def test_key_order_in_the_yaml_does_not_change_the_validated_config():

@@ -4,13 +4,20 @@ scripts/slurm/up.sh installs and starts the cluster (root, Debian); the tests su
 through the Snakemake Slurm executor and ask the controller what it was given. The only overrides of
 the profile are the ones this cluster needs: squeue for job states (there is no accounting database),
 a first status check after 1 s instead of 40 (the jobs take seconds), and --cores for the node's CPUs.
+
+The cluster and the Slurm run of the tiny pipeline start in a background thread as soon as pytest has
+collected these tests (tests/conftest.py calls start_in_background): the run is minutes of sbatch round
+trips and status polls, so it waits while the other test modules compute.
 """
 
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -65,7 +72,7 @@ def tiny_config(workdir: Path, **sae) -> Path:
 
 
 def slurm_jobs(workdir: Path) -> list[dict[str, str]]:
-    """Every job the controller still remembers (MinJobAge=300 s) that ran in `workdir`, oldest first."""
+    """Every job the controller still remembers (up.sh sets MinJobAge=3600 s) that ran in `workdir`, oldest first."""
     lines = run(["scontrol", "show", "job", "-o"]).stdout.splitlines()
     jobs = [dict(re.findall(r"(\w[\w/:]*)=(\S*)", line)) for line in lines if line.strip()]
     return sorted(
@@ -75,31 +82,55 @@ def slurm_jobs(workdir: Path) -> list[dict[str, str]]:
 
 
 def rule_of(job: dict[str, str]) -> str:
-    """The Slurm executor comments each job `rule_<rule>[_wildcards_...]`, a group job `rule_<group>_<rule>`."""
-    name = job["Comment"].removeprefix("rule_").split("_wildcards_")[0]
-    return name.removeprefix("tokenize_") if name.startswith("tokenize_") else name
+    """The Slurm executor comments each job `rule_<rule>[_wildcards_...]`."""
+    return job["Comment"].removeprefix("rule_").split("_wildcards_")[0]
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    # More CPUs, memory and GPUs than the machine has, so the short jobs of one stage overlap (their
-    # Snakemake start-up and status polling dominate) instead of queueing one by one: the GPU
-    # rules ask for 8 GB each, sized for real data, and use a few hundred MB here.
-    sized = {**os.environ, "SLURM_NODE_CPUS": "8", "SLURM_NODE_MEM_MB": "64000", "SLURM_FAKE_GPUS": "4"}
-    started = run([*SUDO, "bash", "scripts/slurm/up.sh"], env=sized).stdout
-    yield
-    if "already up" not in started:
-        run([*SUDO, "bash", "scripts/slurm/down.sh"])
+def stage_of(rule: str) -> str:
+    """harvest_000 -> harvest: tokenize and harvest have a rule per batch of shards."""
+    return re.sub(r"_\d{3}$", "", rule)
 
 
-@pytest.fixture(scope="module")
-def slurm_run(cluster, tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("slurm")
+# More CPUs, memory and GPUs than the machine has, so the short jobs of one stage overlap (their
+# Snakemake start-up and status polling dominate) instead of queueing one by one: the GPU rules ask
+# for 8 GB each, sized for real data, and use a few hundred MB here.
+NODE = {"SLURM_NODE_CPUS": "8", "SLURM_NODE_MEM_MB": "64000", "SLURM_FAKE_GPUS": "4"}
+BACKGROUND = pytest.StashKey[Future]()
+CLUSTER_STARTED_HERE = pytest.StashKey[list]()
+
+
+def start_in_background(config: pytest.Config) -> None:
+    """Bring the cluster up and run the tiny pipeline on it in a thread (once per session)."""
+    if BACKGROUND not in config.stash:
+        started_here = config.stash[CLUSTER_STARTED_HERE] = []
+        pool = ThreadPoolExecutor(1, thread_name_prefix="slurm-run")
+        config.stash[BACKGROUND] = pool.submit(_cluster_and_slurm_run, started_here)
+        pool.shutdown(wait=False)
+
+
+def _cluster_and_slurm_run(started_here: list) -> tuple[Path, set[str]]:
+    up = run([*SUDO, "bash", "scripts/slurm/up.sh"], env={**os.environ, **NODE}).stdout
+    started_here.append("already up" not in up)
+    workdir = Path(tempfile.mkdtemp(prefix="monoscope-slurm-"))
     tiny_config(workdir)
     plan = snakemake(workdir, "-n", "--configfile", str(workdir / "c.yaml")).stdout
     planned = set(re.findall(r"^(\w+)\s+\d+$", plan.split("Job stats:")[1].split("Reasons:")[0], flags=re.M))
     on_slurm(workdir)
     return workdir, planned - {"all", "total"}
+
+
+@pytest.fixture(scope="module")
+def slurm_run(request):
+    """(working directory, rules planned) of the tiny pipeline's Slurm run; the cluster stops after this module."""
+    start_in_background(request.config)  # already running unless conftest's hook was bypassed
+    try:
+        workdir, planned = request.config.stash[BACKGROUND].result()
+        yield workdir, planned
+        if request.session.testsfailed == 0:  # otherwise kept, to read its logs
+            shutil.rmtree(workdir, ignore_errors=True)
+    finally:
+        if any(request.config.stash[CLUSTER_STARTED_HERE]):
+            run([*SUDO, "bash", "scripts/slurm/down.sh"])
 
 
 def test_every_job_is_an_sbatch_job_and_gpu_rules_ask_for_a_gpu(slurm_run):
@@ -110,15 +141,15 @@ def test_every_job_is_an_sbatch_job_and_gpu_rules_ask_for_a_gpu(slurm_run):
         by_rule.setdefault(rule_of(job), []).append(job)
     assert set(by_rule) == planned_rules
     assert all(job["JobState"] == "COMPLETED" for job in jobs)
-    assert len(by_rule["harvest"]) == len(list((workdir / "results" / "activations").glob("*.zarr")))
+    # Four shards, one batch: one tokenize and one harvest submission write all four stores.
+    assert len(by_rule["tokenize_000"]) == len(by_rule["harvest_000"]) == 1
+    assert len(list((workdir / "results" / "activations").glob("*.zarr"))) == 4
     assert len(by_rule["train_sae"]) == 2 and len(by_rule["evaluate"]) == 3
-    # Five tokenize_shard jobs, one submission: the profile groups them.
-    assert len(by_rule["tokenize_shard"]) == 1
     for rule, rule_jobs in by_rule.items():
         for job in rule_jobs:
             # What the job asked for (sbatch --gpus=1), as the controller recorded it.
             gpus_asked = job.get("TresPerJob", "")
-            assert (gpus_asked == "gres:gpu:1") == (rule in GPU_RULES), f"{rule}: TresPerJob={gpus_asked!r}"
+            assert (gpus_asked == "gres:gpu:1") == (stage_of(rule) in GPU_RULES), f"{rule}: TresPerJob={gpus_asked!r}"
     # Each job's log, written by Slurm and named by its job id, shows Snakemake running the job
     # inside the allocation (the jobstep executor, which starts it with srun).
     for job in jobs:
@@ -193,5 +224,5 @@ def test_dry_run_shows_an_sae_job_on_n_gpus_launched_by_accelerate(tmp_path):
     for block in blocks:
         rule = re.search(r"rule (\w+):", block)
         if rule and rule[1] != "all":
-            partition = "gpu-q" if rule[1] in GPU_RULES else "cpu-q"
+            partition = "gpu-q" if stage_of(rule[1]) in GPU_RULES else "cpu-q"
             assert f"slurm_partition={partition}," in block and "slurm_account=lab-7" in block, block

@@ -50,14 +50,13 @@ def write_config(path: Path, **overrides) -> Path:
 def test_dry_run_of_a_two_size_sweep_lists_exactly_the_expected_jobs(tmp_path):
     config = write_config(tmp_path / "c.yaml", **{"sae.expansion_factors": [2, 4], "sae.l1_coefficients": [5.0]})
     jobs = planned_jobs(tmp_path, "--configfile", str(config))
-    n_shards, n_eval = 4, 1
     expected = {
         "all": 1,
         "split_corpus": 1,
         "train_tokenizer": 1,
-        "tokenize_shard": n_shards,
+        "tokenize_000": 1,  # the four shards are one batch (corpus.shards_per_job)
         "train_lm": 1,
-        "harvest": n_shards,
+        "harvest_000": 1,
         "train_sae": 2,
         "evaluate": 3,  # two SAEs and the neurons
         "report": 1,
@@ -66,6 +65,14 @@ def test_dry_run_of_a_two_size_sweep_lists_exactly_the_expected_jobs(tmp_path):
     }
     assert {k: v for k, v in jobs.items() if k in expected} == expected
     assert set(jobs) == set(expected)  # autointerp is opt-in
+
+    batched = write_config(tmp_path / "b.yaml", **{"corpus.shards_per_job": 2})
+    jobs = planned_jobs(tmp_path, "--configfile", str(batched))
+    assert {rule: n for rule, n in jobs.items() if rule.startswith(("tokenize_", "harvest_"))} == {
+        "tokenize_000": 1, "tokenize_001": 1, "harvest_000": 1, "harvest_001": 1}  # fmt: skip
+    plan = snakemake(tmp_path, "-n", "--configfile", str(batched)).stdout
+    harvest_001 = next(block for block in plan.split("\n\n") if "rule harvest_001:" in block)
+    assert re.search(r"output: results/activations/train_002\.zarr, results/activations/eval_000\.zarr\n", harvest_001)
 
 
 def test_invalid_config_stops_before_any_job_naming_the_key(tmp_path):
@@ -120,8 +127,8 @@ def test_rerun_behaviours(tiny_run):
 
     model_changed = write_config(workdir / "lm.yaml", **{"model.train.lr": 1e-3})
     jobs = planned_jobs(workdir, "--configfile", str(model_changed))
-    assert jobs["train_lm"] == 1 and jobs["harvest"] == 4 and jobs["evaluate"] == 3
-    assert "tokenize_shard" not in jobs and "split_corpus" not in jobs
+    assert jobs["train_lm"] == 1 and jobs["harvest_000"] == 1 and jobs["evaluate"] == 3
+    assert "tokenize_000" not in jobs and "split_corpus" not in jobs
 
 
 @pytest.mark.workflow

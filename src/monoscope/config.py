@@ -139,6 +139,13 @@ def shard_names(config: dict[str, Any]) -> tuple[list[str], list[str]]:
     return [f"train_{i:03d}" for i in range(n - n_eval)], [f"eval_{i:03d}" for i in range(n_eval)]
 
 
+def shard_batches(config: dict[str, Any]) -> dict[str, list[str]]:
+    """Batch name -> the shards one tokenize or harvest job handles: every shard in order, corpus.shards_per_job at a time."""
+    train, held_out = shard_names(config)
+    shards, size = train + held_out, config["corpus"]["shards_per_job"]
+    return {f"{i // size:03d}": shards[i : i + size] for i in range(0, len(shards), size)}
+
+
 def sae_name(expansion_factor: int, l1_coefficient: float) -> str:
     return f"x{expansion_factor}_l1-{l1_coefficient:g}"
 

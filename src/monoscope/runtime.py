@@ -15,9 +15,12 @@ def start_job(snakemake) -> None:
         log_file = open(log_path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 - lives as long as the job
         sys.stdout = sys.stderr = log_file
         print(f"job: SLURM_JOB_ID={os.environ.get('SLURM_JOB_ID', '-')} threads={snakemake.threads}")
-    import torch
-
-    torch.set_num_threads(max(1, snakemake.threads))
+    threads = max(1, snakemake.threads)
+    # Jobs that never touch torch (tokenize, report, site) should not pay seconds to import it.
+    for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "RAYON_NUM_THREADS"):
+        os.environ[variable] = str(threads)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(threads)
 
 
 def device() -> str:

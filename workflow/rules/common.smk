@@ -2,7 +2,7 @@
 import os
 import sys
 
-from monoscope.config import ConfigError, NEURONS, hook_name, sae_runs, shard_names, validate_config
+from monoscope.config import ConfigError, NEURONS, hook_name, sae_runs, shard_batches, shard_names, validate_config
 
 try:
     _validated = validate_config(config)
@@ -13,6 +13,7 @@ config.update(_validated)
 
 TRAIN_SHARDS, EVAL_SHARDS = shard_names(config)
 ALL_SHARDS = TRAIN_SHARDS + EVAL_SHARDS
+SHARD_BATCHES = shard_batches(config)
 SAE_RUNS = sae_runs(config)
 SAE_NAMES = list(SAE_RUNS)
 DICTIONARIES = SAE_NAMES + [NEURONS]
@@ -21,7 +22,6 @@ NATIVE = config["model"]["source"] == "native"
 
 
 wildcard_constraints:
-    shard=r"(train|eval)_\d\d\d+",
     name=r"[A-Za-z0-9_.+-]+",
 
 

@@ -43,24 +43,29 @@ else:
             "../scripts/save_model_tokenizer.py"
 
 
-rule tokenize_shard:
-    input:
-        corpus="results/corpus",
-        tokenizer="results/tokenizer/tokenizer_config.json",
-    output:
-        directory("results/tokens/{shard}.zarr"),
-    params:
-        context=config["tokenizer"]["context"],
-    log:
-        "results/logs/tokenize_shard/{shard}.log",
-    threads: 1
-    resources:
-        **SLURM_CPU,
-        mem_mb=2000,
-        runtime=10,
-    group:
-        "tokenize"
-    conda:
-        "../envs/monoscope.yaml"
-    script:
-        "../scripts/tokenize_shard.py"
+# One job per batch of corpus.shards_per_job shards, each shard still its own Zarr: a rule per batch,
+# because a rule's outputs are fixed patterns and a batch is a list. Thousands of one-shard jobs cost
+# seconds of Snakemake planning and, on a cluster, thousands of submissions of a few seconds' work.
+for batch, shards in SHARD_BATCHES.items():
+
+    rule:
+        name:
+            f"tokenize_{batch}"
+        input:
+            corpus="results/corpus",
+            tokenizer="results/tokenizer/tokenizer_config.json",
+        output:
+            [directory(f"results/tokens/{shard}.zarr") for shard in shards],
+        params:
+            context=config["tokenizer"]["context"],
+        log:
+            f"results/logs/tokenize/{batch}.log",
+        threads: 1
+        resources:
+            **SLURM_CPU,
+            mem_mb=2000,
+            runtime=10 + len(shards),
+        conda:
+            "../envs/monoscope.yaml"
+        script:
+            "../scripts/tokenize_shards.py"
