@@ -23,3 +23,11 @@ def tiny_run(tmp_path_factory) -> tuple[Path, Path]:
     if result.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
     return workdir, config
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Start the Slurm run of tests/test_slurm.py now if a selected test needs it: minutes of waiting on
+    sbatch round trips and status polls, spent while the other modules run."""
+    needing = [item for item in session.items if "slurm_run" in getattr(item, "fixturenames", ())]
+    if needing:
+        needing[0].module.start_in_background(session.config)
