@@ -50,11 +50,12 @@ def build_tiny_results(root: Path) -> dict:
     sae_model.save(root / "sae" / "x2")
     for name, sae_dir in (("neurons", None), ("x2", root / "sae" / "x2")):
         dictionary = evaluate.load_dictionary(name, sae_dir, D_MLP)
-        stats = evaluate.FeatureStats(dictionary.d_sae)
+        stats = evaluate.FeatureStats(dictionary.d_sae, keep_codes=name != "neurons")
         with torch.no_grad():
             stats.update(dictionary.encode(acts.flatten(0, 1)))
         (root / "eval" / name).mkdir(parents=True)
         stats.table().to_parquet(root / "eval" / name / "features.parquet")
+        stats.save_codes(root / "eval" / name / "codes.safetensors", CONTEXT)
     return {"tokens": tokens, "acts": acts.numpy(), "store": store_path, "tokenizer": root / "tokenizer"}
 
 
@@ -64,8 +65,30 @@ def tiny(tmp_path_factory):
     built = build_tiny_results(root)
     for name, sae_dir in (("neurons", None), ("x2", root / "sae" / "x2")):
         features.analyse_dictionary(tiny_config(), name, sae_dir, root / "model", root / "tokenizer", [built["store"]],
-                                    root / "eval" / name / "features.parquet", root / "features" / name, log=lambda _: None)
+                                    root / "eval" / name / "features.parquet", root / "features" / name, log=lambda _: None,
+                                    eval_codes=root / "eval" / name / "codes.safetensors")
     return root, built
+
+
+def test_the_evaluations_codes_stand_in_for_encoding(tiny, tmp_path):
+    root, built = tiny
+    dictionary = evaluate.load_dictionary("x2", root / "sae" / "x2", D_MLP)
+    activations = store.open_activations(built["store"])
+    encoded = list(features.iter_unit_blocks(dictionary, [activations], 4, None))
+    assert features.Codes(root / "eval" / "neurons" / "codes.safetensors").n_seq == 0  # the neurons: nothing kept
+    # Codes of the first 10 sequences only: blocks 0-3 and 4-7 come from them, 8-11 onwards are encoded.
+    stats = evaluate.FeatureStats(dictionary.d_sae, keep_codes=True)
+    with torch.no_grad():
+        stats.update(dictionary.encode(torch.from_numpy(built["acts"][:10]).flatten(0, 1)))
+    stats.save_codes(tmp_path / "codes.safetensors", CONTEXT)
+    for path, covered in ((root / "eval" / "x2" / "codes.safetensors", activations.n_seq), (tmp_path / "codes.safetensors", 10)):
+        codes = features.Codes(path)
+        assert codes.n_seq == covered and 0 < len(codes.values) < covered * CONTEXT * dictionary.d_sae
+        reused = list(features.iter_unit_blocks(dictionary, [activations], 4, None, codes=codes))
+        assert len(reused) == len(encoded) > 3
+        for (tokens, f), (tokens_reused, f_reused) in zip(encoded, reused, strict=True):
+            assert np.array_equal(tokens, tokens_reused)
+            torch.testing.assert_close(f_reused, f, rtol=1e-5, atol=1e-6)
 
 
 def test_top_examples_are_the_true_maxima(tiny):

@@ -33,14 +33,21 @@ def load_dictionary(name: str, sae_dir: str | Path | None, d_in: int) -> torch.n
 
 
 class FeatureStats:
-    """Streaming per-feature firing counts, sums and maxima over [n, d_sae] activation batches."""
+    """Streaming per-feature firing counts, sums and maxima over [n, d_sae] activation batches; with
+    keep_codes, also every token's active entries in order (CSR), which the features pass reuses
+    instead of encoding the same held-out tokens again."""
 
-    def __init__(self, d_sae: int):
+    def __init__(self, d_sae: int, keep_codes: bool = False):
+        self.d_sae = d_sae
         self.fires = torch.zeros(d_sae, dtype=torch.float64)
         self.total = torch.zeros(d_sae, dtype=torch.float64)
         self.max = torch.zeros(d_sae)
         self.n_tokens = 0
         self.l0_sum = 0.0
+        self.keep_codes = keep_codes
+        self._row_counts: list[torch.Tensor] = []
+        self._units: list[torch.Tensor] = []
+        self._values: list[torch.Tensor] = []
 
     def update(self, f: torch.Tensor) -> None:
         """f [n, d_sae]. Only the active entries are touched after one comparison: an SAE's are ~0.3 %
@@ -52,6 +59,23 @@ class FeatureStats:
         self.max.scatter_reduce_(0, unit, values, "amax")
         self.n_tokens += len(f)
         self.l0_sum += len(values)
+        if self.keep_codes:  # nonzero() is row-major: entries are already in CSR order
+            self._row_counts.append(torch.bincount(token, minlength=len(f)))
+            self._units.append(unit.int())
+            self._values.append(values.float())
+
+    def save_codes(self, path: str | Path, context: int) -> None:
+        """The kept codes as safetensors (indptr [n_tokens + 1], indices, values); with keep_codes off, an
+        empty file that tells the features pass to encode for itself (the neurons need no encoding)."""
+        from safetensors.torch import save_file
+
+        counts = torch.cat(self._row_counts) if self._row_counts else torch.zeros(0, dtype=torch.int64)
+        tensors = {
+            "indptr": torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)]),
+            "indices": torch.cat(self._units) if self._units else torch.zeros(0, dtype=torch.int32),
+            "values": torch.cat(self._values) if self._values else torch.zeros(0),
+        }
+        save_file(tensors, str(path), metadata={"n_seq": str(len(counts) // context), "context": str(context), "d_sae": str(self.d_sae)})
 
     def table(self) -> pd.DataFrame:
         density = (self.fires / self.n_tokens).numpy()
@@ -85,7 +109,7 @@ def evaluate_dictionary(
     stores = [store.open_activations(p) for p in eval_stores]
     d_in = stores[0].d
     dictionary = load_dictionary(name, sae_dir, d_in).to(device())
-    stats = FeatureStats(dictionary.d_sae)
+    stats = FeatureStats(dictionary.d_sae, keep_codes=name != NEURONS)
     sq_err = sq_dev = 0.0
     act_sum = torch.zeros(d_in, dtype=torch.float64)
     act_sq_sum = 0.0
@@ -151,6 +175,7 @@ def evaluate_dictionary(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     table.to_parquet(out / "features.parquet", index=False)
+    stats.save_codes(out / "codes.safetensors", stores[0].context)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     log(json.dumps(metrics))
     return metrics

@@ -231,24 +231,55 @@ def seqs_per_block(d_sae: int, context: int, block_mib: int) -> int:
     return max(1, int(block_mib * 2**20 // bytes_per_seq))
 
 
+class Codes:
+    """The evaluation's codes of the first n_seq held-out sequences (evaluate.FeatureStats.save_codes)."""
+
+    def __init__(self, path: str | Path):
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata()
+        self.n_seq, self.context, self.d_sae = int(meta["n_seq"]), int(meta["context"]), int(meta["d_sae"])
+        tensors = load_file(str(path))
+        self.indptr, self.indices, self.values = tensors["indptr"], tensors["indices"].long(), tensors["values"]
+
+    def dense(self, first_seq: int, n_seq: int) -> torch.Tensor:
+        """f [n_seq, context, d_sae] of sequences first_seq .. first_seq + n_seq - 1."""
+        rows = slice(first_seq * self.context, (first_seq + n_seq) * self.context)
+        start, stop = int(self.indptr[rows.start]), int(self.indptr[rows.stop])
+        n_rows = rows.stop - rows.start
+        row = torch.repeat_interleave(torch.arange(n_rows), self.indptr[rows.start : rows.stop + 1].diff())
+        f = torch.zeros(n_rows, self.d_sae)
+        f[row, self.indices[start:stop]] = self.values[start:stop]
+        return f.view(n_seq, self.context, self.d_sae)
+
+
 def iter_unit_blocks(dictionary, stores: Sequence[store.ActivationStore], n_seq_block: int, max_seqs: int | None,
-                     device: str = "cpu") -> Iterable[tuple[np.ndarray, torch.Tensor]]:
-    """(tokens [b, s], unit activations f [b, s, d_sae] on the CPU) over the stores, at most max_seqs sequences."""
+                     device: str = "cpu", codes: Codes | None = None) -> Iterable[tuple[np.ndarray, torch.Tensor]]:
+    """(tokens [b, s], unit activations f [b, s, d_sae] on the CPU) over the stores, at most max_seqs sequences.
+    Sequences the evaluation's codes cover are read from them, not encoded again."""
     budget = max_seqs if max_seqs is not None else sum(s.n_seq for s in stores)
+    if codes is not None and codes.d_sae != dictionary.d_sae:
+        raise ValueError(f"the evaluation's codes have {codes.d_sae} units but the dictionary has {dictionary.d_sae}")
+    covered = codes.n_seq if codes is not None else 0
     done = 0
     for activation_store in stores:
         for tokens, acts in store.iter_sequence_blocks(activation_store, n_seq_block):
             if done >= budget:
                 return
             tokens, acts = tokens[: budget - done], acts[: budget - done]
-            with torch.no_grad():
-                f = dictionary.encode(torch.from_numpy(acts).to(device)).float().cpu()
+            if done + len(tokens) <= covered:
+                f = codes.dense(done, len(tokens))
+            else:
+                with torch.no_grad():
+                    f = dictionary.encode(torch.from_numpy(acts).to(device)).float().cpu()
             done += len(tokens)
             yield tokens, f
 
 
 def run_pass(dictionary, stores, settings: FeatureSettings, upper: torch.Tensor, labeler: ConceptLabeler | None,
-             device: str = "cpu", desc: str = "features") -> tuple[StreamingAnalysis, np.ndarray]:
+             device: str = "cpu", desc: str = "features", codes: Codes | None = None) -> tuple[StreamingAnalysis, np.ndarray]:
     """The streaming pass; also returns the held-out tokens read, int32 [n_seq, context] (to render examples)."""
     n_concepts = len(labeler.concepts) if labeler else 0
     analysis = StreamingAnalysis(dictionary.d_sae, settings, upper, n_concepts)
@@ -256,7 +287,7 @@ def run_pass(dictionary, stores, settings: FeatureSettings, upper: torch.Tensor,
     token_blocks = []
     total = settings.max_seqs or sum(s.n_seq for s in stores)
     progress = tqdm(total=total, desc=desc, mininterval=10)
-    for tokens, f in iter_unit_blocks(dictionary, stores, block, settings.max_seqs, device):
+    for tokens, f in iter_unit_blocks(dictionary, stores, block, settings.max_seqs, device, codes):
         labels = torch.from_numpy(labeler(tokens)) if labeler else None
         analysis.update(f, labels)
         token_blocks.append(tokens)
@@ -430,8 +461,9 @@ def ablation_effects(bridge, dictionary, tokens: np.ndarray, hook: str, units: S
 
 def analyse_dictionary(config: dict[str, Any], name: str, sae_dir: str | Path | None, model_dir: str | Path,
                        tokenizer_dir: str | Path, eval_stores: Sequence[str | Path], eval_features: str | Path,
-                       out_dir: str | Path, log=print) -> dict[str, Any]:
-    """Write results/features/<name>/ for one dictionary ("neurons" or an SAE checkpoint in sae_dir)."""
+                       out_dir: str | Path, log=print, eval_codes: str | Path | None = None) -> dict[str, Any]:
+    """Write results/features/<name>/ for one dictionary ("neurons" or an SAE checkpoint in sae_dir);
+    eval_codes: the evaluation's codes of the held-out tokens, reused where they cover the pass."""
     from monoscope import evaluate, models, tokenize
     from monoscope.runtime import device as pick_device
 
@@ -446,7 +478,8 @@ def analyse_dictionary(config: dict[str, Any], name: str, sae_dir: str | Path | 
     upper = torch.from_numpy(pd.read_parquet(eval_features)["max_activation"].to_numpy(np.float32, copy=True))
     if len(upper) != dictionary.d_sae:
         raise ValueError(f"{eval_features} has {len(upper)} units but dictionary '{name}' has {dictionary.d_sae}")
-    result = analyse(name, dictionary, stores, settings, upper, labeler, bridge, state, hook, device)
+    codes = Codes(eval_codes) if eval_codes is not None else None
+    result = analyse(name, dictionary, stores, settings, upper, labeler, bridge, state, hook, device, codes)
     write_outputs(result, out_dir, provenance={
         "name": name, "hook": hook, "eval_stores": [str(p) for p in eval_stores], "sae_dir": str(sae_dir) if sae_dir else None,
         "package_version": __version__, "store_attrs": stores[0].attrs,
@@ -455,11 +488,11 @@ def analyse_dictionary(config: dict[str, Any], name: str, sae_dir: str | Path | 
     return result["summary"]
 
 
-def analyse(name, dictionary, stores, settings: FeatureSettings, upper, labeler, bridge, state, hook, device="cpu"):
+def analyse(name, dictionary, stores, settings: FeatureSettings, upper, labeler, bridge, state, hook, device="cpu", codes=None):
     """The analyses, in memory: {"units": DataFrame, "examples": {..}, "weights": {..}, "summary": {..}, "rare": {..}|None}."""
     timings = {}
     start = time.perf_counter()
-    analysis, tokens = run_pass(dictionary, stores, settings, upper, labeler, device, desc=f"features {name}")
+    analysis, tokens = run_pass(dictionary, stores, settings, upper, labeler, device, desc=f"features {name}", codes=codes)
     timings["pass_s"] = time.perf_counter() - start
     timings["pass_tokens_per_s"] = analysis.n_tokens / timings["pass_s"]
 

@@ -6,6 +6,8 @@ rule evaluate:
     output:
         metrics="results/eval/{name}/metrics.json",
         features="results/eval/{name}/features.parquet",
+        # The held-out tokens' active codes, so the features pass does not encode them again.
+        codes="results/eval/{name}/codes.safetensors",
     params:
         evaluate=config["evaluate"],
         hook=HOOK,

@@ -7,6 +7,7 @@ rule features:
         model="results/model/model.json",
         tokenizer="results/tokenizer/tokenizer_config.json",
         eval_features="results/eval/{name}/features.parquet",
+        eval_codes="results/eval/{name}/codes.safetensors",
         dictionary=dictionary_input,
     output:
         units="results/features/{name}/units.parquet",

@@ -14,4 +14,5 @@ analyse_dictionary(
     list(snakemake.input.stores),
     snakemake.input.eval_features,
     Path(snakemake.output.summary).parent,
+    eval_codes=snakemake.input.eval_codes,
 )
