@@ -17,7 +17,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
 import numpy as np
@@ -106,6 +106,17 @@ def start_in_background(config: pytest.Config) -> None:
         pool = ThreadPoolExecutor(1, thread_name_prefix="slurm-run")
         config.stash[BACKGROUND] = pool.submit(_cluster_and_slurm_run, started_here)
         pool.shutdown(wait=False)
+        # Also when no test reaches the fixture's teardown (pytest -x stopped earlier, say).
+        config.add_cleanup(lambda: stop_cluster(config))
+
+
+def stop_cluster(config: pytest.Config) -> None:
+    """After the background run has ended, stop the cluster if this session started it (once)."""
+    wait([config.stash[BACKGROUND]])
+    started_here = config.stash[CLUSTER_STARTED_HERE]
+    if any(started_here):
+        started_here.clear()
+        run([*SUDO, "bash", "scripts/slurm/down.sh"])
 
 
 def _cluster_and_slurm_run(started_here: list) -> tuple[Path, set[str]]:
@@ -129,8 +140,7 @@ def slurm_run(request):
         if request.session.testsfailed == 0:  # otherwise kept, to read its logs
             shutil.rmtree(workdir, ignore_errors=True)
     finally:
-        if any(request.config.stash[CLUSTER_STARTED_HERE]):
-            run([*SUDO, "bash", "scripts/slurm/down.sh"])
+        stop_cluster(request.config)
 
 
 def test_every_job_is_an_sbatch_job_and_gpu_rules_ask_for_a_gpu(slurm_run):
