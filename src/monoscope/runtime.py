@@ -16,7 +16,7 @@ def start_job(snakemake) -> None:
         sys.stdout = sys.stderr = log_file
         print(f"job: SLURM_JOB_ID={os.environ.get('SLURM_JOB_ID', '-')} threads={snakemake.threads}")
     threads = max(1, snakemake.threads)
-    # Jobs that never touch torch (tokenize, report, site) should not pay seconds to import it.
+    # Jobs that never touch torch (tokenize, report) should not pay seconds to import it.
     for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "RAYON_NUM_THREADS"):
         os.environ[variable] = str(threads)
     if "torch" in sys.modules:
