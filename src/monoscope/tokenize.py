@@ -95,9 +95,10 @@ def pack(texts: Iterable[str], tokenizer, context: int, batch_docs: int = 256) -
     return np.asarray(ids[: n_seq * context], dtype=np.int32).reshape(n_seq, context)
 
 
-def shard_attrs(tokenizer_dir: str | Path, shard: str, n_documents: int, extra: dict[str, Any] | None = None):
+def shard_attrs(tokenizer_identity: str, shard: str, n_documents: int, extra: dict[str, Any] | None = None):
+    """A token shard's provenance; tokenizer_identity is tokenizer_id(), hashed once per job, not per shard."""
     return {
-        "tokenizer_id": tokenizer_id(tokenizer_dir),
+        "tokenizer_id": tokenizer_identity,
         "corpus_slice": {"shard": shard, "documents": n_documents},
         **(extra or {}),
     }
