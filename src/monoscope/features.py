@@ -236,13 +236,12 @@ class Codes:
 
     def __init__(self, path: str | Path):
         from safetensors import safe_open
-        from safetensors.torch import load_file
 
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata()
+            self.indptr, self.indices, self.values = (f.get_tensor(k) for k in ("indptr", "indices", "values"))
         self.n_seq, self.context, self.d_sae = int(meta["n_seq"]), int(meta["context"]), int(meta["d_sae"])
-        tensors = load_file(str(path))
-        self.indptr, self.indices, self.values = tensors["indptr"], tensors["indices"].long(), tensors["values"]
+        self.indices = self.indices.long()
 
     def dense(self, first_seq: int, n_seq: int) -> torch.Tensor:
         """f [n_seq, context, d_sae] of sequences first_seq .. first_seq + n_seq - 1."""
