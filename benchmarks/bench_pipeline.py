@@ -46,7 +46,7 @@ def store_overhead(config, results: Path, shard: str, n_seqs: int, repeats: int 
     def writing(path):
         with store.ActivationStoreWriter(path, tokens, d, harvest["dtype"], chunk, {}, codec) as writer:
             for batch in batches:
-                writer.append(run_to_hook(bridge, batch, hook).flatten(0, 1).to(getattr(torch, harvest["dtype"])).numpy())
+                writer.append(run_to_hook(bridge, batch, hook).flatten(0, 1).to(getattr(torch, harvest["dtype"])).numpy(), consume=True)
 
     bare()  # warm-up
     bare_s, write_s = [], []

@@ -118,3 +118,17 @@ def test_round_mantissa_matches_numcodecs_bitround_and_leaves_the_callers_array_
                                  dtype=np.dtype(dtype).name, codec=store.CodecSpec(keep_mantissa_bits=keep))  # fmt: skip
     assert np.array_equal(values, original)
     assert np.array_equal(store.open_activations(path).acts[:].view(np.uint8), expected.view(np.uint8))
+
+
+def test_consumed_rows_are_stored_alike_in_whole_and_partial_chunks(tmp_path):
+    rng = np.random.default_rng(2)
+    acts = rng.normal(size=(256 * 32, 8)).astype(np.float16)
+    tokens = np.zeros((256, 32), np.int32)
+    codec = store.CodecSpec(keep_mantissa_bits=6)
+    copied, consumed = tmp_path / "copied.zarr", tmp_path / "consumed.zarr"
+    store.write_activation_store(copied, acts, tokens, {}, chunk_tokens=1024, codec=codec)
+    with store.ActivationStoreWriter(consumed, tokens, 8, "float16", 1024, {}, codec) as writer:
+        for block in np.split(acts.copy(), [1024, 1500, 4096, 5000]):  # whole chunks, leftovers, several pieces
+            writer.append(block.copy(), consume=True)
+    assert np.array_equal(store.open_activations(consumed).acts[:], store.open_activations(copied).acts[:])
+    assert not np.array_equal(store.open_activations(copied).acts[:], acts)  # rounding really happened
