@@ -7,6 +7,7 @@ the same hook names as for pretrained models.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -56,13 +57,77 @@ def cosine_lr(step: int, total: int, peak: float, warmup: int, floor: float = 0.
     return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def next_token_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """logits [b, s, vocab], tokens [b, s] -> mean cross-entropy of predicting tokens[:, 1:].
+NO_TARGET = -100
 
-    The last position has no target: it is ignored rather than sliced off, because slicing the logits
-    copies them, and its backward fills and copies a [b, s, vocab] gradient (~15 % of a training step)."""
-    targets = torch.nn.functional.pad(tokens[:, 1:], (0, 1), value=-100)  # [b, s]; -100: no target
-    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+
+def next_token_targets(tokens: torch.Tensor) -> torch.Tensor:
+    """tokens [b, s] -> targets [b, s]: the next token, NO_TARGET at the last position.
+
+    The last position is ignored rather than sliced off, because slicing the logits copies them, and
+    its backward fills and copies a [b, s, vocab] gradient (~15 % of a training step)."""
+    return torch.nn.functional.pad(tokens[:, 1:], (0, 1), value=NO_TARGET)
+
+
+def next_token_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """logits [b, s, vocab], tokens [b, s] -> mean cross-entropy of predicting tokens[:, 1:]."""
+    targets = next_token_targets(tokens)
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=NO_TARGET)
+
+
+class UnembedCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of `hidden @ weight.T + bias` against `targets`, a block of rows at a time.
+
+    Training only: the forward pass also computes the gradients (softmax minus one-hot is all the
+    backward needs), so a block's logits are written, exponentiated once and multiplied while they
+    are still in cache. Unfused, [b*s, vocab] logits go through memory ~8 times (log-softmax forward
+    and backward, gradient fill and copy): with the default vocabulary that was ~1/4 of a step.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, rows_per_block: int = 512):
+        # hidden [n, d_model], weight [vocab, d_model], bias [vocab] or None, targets [n] (NO_TARGET: none)
+        counted = (targets != NO_TARGET).to(hidden.dtype)  # [n]
+        row_weight = counted / counted.sum().clamp(min=1)  # [n]: each row's share of the mean
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros_like(weight)
+        grad_bias = torch.zeros_like(bias) if bias is not None and bias.requires_grad else None
+        loss = hidden.new_zeros(())
+        for start in range(0, len(hidden), rows_per_block):
+            rows = slice(start, start + rows_per_block)
+            h, target, share = hidden[rows], targets[rows].clamp(min=0), row_weight[rows]
+            logits = h @ weight.T if bias is None else torch.addmm(bias, h, weight.T)  # [r, vocab]
+            picked = logits.gather(1, target[:, None]).squeeze(1)  # [r]
+            top = logits.amax(1, keepdim=True)  # [r, 1]
+            probs = logits.sub_(top).exp_()  # [r, vocab], unnormalised, in place
+            total = probs.sum(1)  # [r]
+            loss += ((top.squeeze(1) + total.log() - picked) * share).sum()
+            probs.mul_((share / total)[:, None])
+            probs[torch.arange(len(target)), target] -= share  # d loss / d logits
+            torch.mm(probs, weight, out=grad_hidden[rows])
+            grad_weight.addmm_(probs.T, h)
+            if grad_bias is not None:
+                grad_bias += probs.sum(0)
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        return grad_hidden * grad_loss, grad_weight * grad_loss, None if grad_bias is None else grad_bias * grad_loss, None, None
+
+
+@contextlib.contextmanager
+def unembedding_detached(module) -> Iterator[torch.nn.Linear]:
+    """The native module returning its final hidden states [b, s, d_model] instead of logits, so its
+    unembedding (yielded) can be fused with the loss."""
+    head = module.head
+    if getattr(module, "output_logits_soft_cap", None) not in (None, -1.0, 0.0):
+        raise ValueError("fused unembedding + loss assumes no logit soft-cap")
+    module.head = torch.nn.Identity()
+    try:
+        yield head.original_component
+    finally:
+        module.head = head
 
 
 def _batches(tokens: np.ndarray, batch_size: int, rng: np.random.Generator) -> Iterator[torch.Tensor]:
@@ -105,17 +170,21 @@ def train_native(
     batches = _batches(train_tokens, train["batch_size"], np.random.default_rng(config["seed"]))
     curve = []
     start = time.perf_counter()
-    for step in tqdm(range(steps), desc="train_lm", mininterval=10):
-        for group in optimizer.param_groups:
-            group["lr"] = cosine_lr(step, steps, train["lr"], train["warmup_steps"])
-        batch = next(batches).to(device())
-        loss = next_token_loss(module(batch), batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
-        optimizer.step()
-        if step % 50 == 0 or step == steps - 1:
-            curve.append({"step": step, "tokens": (step + 1) * train["batch_size"] * context, "train_loss": loss.item()})
+    parameters = list(module.parameters())
+    with unembedding_detached(module) as unembed:
+        for step in tqdm(range(steps), desc="train_lm", mininterval=10):
+            for group in optimizer.param_groups:
+                group["lr"] = cosine_lr(step, steps, train["lr"], train["warmup_steps"])
+            batch = next(batches).to(device())
+            hidden = module(batch)  # [b, s, d_model]
+            targets = next_token_targets(batch)
+            loss = UnembedCrossEntropy.apply(hidden.flatten(0, 1), unembed.weight, unembed.bias, targets.flatten())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+            optimizer.step()
+            if step % 50 == 0 or step == steps - 1:
+                curve.append({"step": step, "tokens": (step + 1) * train["batch_size"] * context, "train_loss": loss.item()})
     seconds = time.perf_counter() - start
     module.eval()
     summary = {
