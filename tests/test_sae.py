@@ -30,6 +30,20 @@ def test_shapes_and_raw_scale(architecture):
     assert torch.allclose(sae(x), sae.decode(f))
 
 
+def test_inference_decode_of_sparse_codes_equals_the_dense_product():
+    sae = make_sae("topk", k=3).eval()  # 3 of 64 active: the sparse path
+    x = torch.randn(4, 7, 16)
+    with torch.no_grad():
+        f = sae.encode(x)  # [4, 7, 64]
+        sparse = sae.decode(f)
+        dense = f @ sae.W_dec + sae.b_dec
+        assert torch.allclose(sparse, dense, atol=1e-6) and sparse.shape == (4, 7, 16)
+        assert torch.equal(sae.decode(torch.zeros(0, 64)), torch.zeros(0, 16))
+    f = sae.encode(x).detach().requires_grad_()
+    sae.decode(f).sum().backward()  # with autograd the dense path keeps working
+    assert f.grad.shape == f.shape
+
+
 def test_topk_keeps_exactly_k_per_token():
     sae = make_sae("topk", k=5)
     with torch.no_grad():

@@ -242,8 +242,10 @@ def loss_with_hook(bridge, tokens: torch.Tensor, hook: str, replace: Callable[[t
     """Mean next-token loss per sequence [b] with the hook's activation replaced by replace(act) (None: clean)."""
     tokens = tokens.to(device())
     hooks = [] if replace is None else [(hook, lambda act, hook: replace(act))]
-    logits = bridge.run_with_hooks(tokens, return_type="logits", fwd_hooks=hooks)
+    logits = bridge.run_with_hooks(tokens, return_type="logits", fwd_hooks=hooks)  # [b, s, vocab]
+    # Over the flat logits as they lie in memory: a transposed [b, vocab, s] view made cross_entropy
+    # ~4x slower. The last position has no target (NO_TARGET, loss 0), hence the mean over s - 1.
     losses = torch.nn.functional.cross_entropy(
-        logits[:, :-1].transpose(1, 2).float(), tokens[:, 1:], reduction="none"
-    )  # [b, s-1]
-    return losses.mean(dim=1)
+        logits.flatten(0, 1).float(), next_token_targets(tokens).flatten(), ignore_index=NO_TARGET, reduction="none"
+    ).view(tokens.shape)  # [b, s]
+    return losses.sum(dim=1) / (tokens.shape[1] - 1)

@@ -158,6 +158,16 @@ class SAE(nn.Module):
         return self.activation(self.pre_activations(x_n))
 
     def decode_normalized(self, f: torch.Tensor) -> torch.Tensor:
+        if f.device.type == "cpu" and not (torch.is_grad_enabled() and f.requires_grad) and f.numel():
+            # Inference on the CPU: few features fire, so multiply only the active entries (CSR)
+            # instead of the whole [n, d_sae] block (~100x fewer FLOPs at L0 ~ 15 of 4096).
+            flat = f.reshape(-1, self.d_sae)  # [n, d_sae]
+            n_active = int(torch.count_nonzero(flat))
+            if n_active <= SPARSE_MAX_DENSITY * flat.numel():
+                with warnings.catch_warnings():  # "sparse CSR support is in beta": tested in test_sae.py
+                    warnings.simplefilter("ignore", UserWarning)
+                    x_hat = flat.to_sparse_csr() @ self.W_dec  # [n, d_in]
+                return x_hat.add_(self.b_dec).reshape(*f.shape[:-1], self.d_in)
         return f @ self.W_dec + self.b_dec  # [..., d_in]
 
     # --- raw activations in and out ---------------------------------------------------------------
