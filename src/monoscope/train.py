@@ -402,7 +402,7 @@ class Trainer:
     @torch.no_grad()
     def _update_firing(self, terms) -> None:
         for i, t in enumerate(terms):
-            fired = (t["f"] > 0).any(0)  # [d_sae]
+            fired = t["fired"]  # [d_sae]
             if self.world > 1:
                 fired = self.acc.reduce(fired.float(), reduction="sum") > 0
             self.since_fired[i] = torch.where(fired, 0, self.since_fired[i] + self.cfg0.batch_size)
@@ -456,7 +456,7 @@ class Trainer:
             sums["loss"][i] += t["loss"].detach()
             sums["mse"][i] += t["mse"].detach()
             sums["sparsity"][i] += t.get("l1", t.get("l0_penalty", t.get("auxk", torch.zeros(())))).detach()
-            sums["l0"][i] += (t["f"] > 0).sum(-1).float().mean()
+            sums["l0"][i] += t["l0"]
             sums["var"][i] += var
 
     def _log_interval(self, sums) -> list[dict[str, Any]]:
