@@ -76,17 +76,23 @@ class ConceptLabeler:
     def label_sequence(self, tokens: np.ndarray) -> np.ndarray:
         """tokens [s] -> bool [s, n_concepts]: True where the token's characters overlap a match."""
         text = "".join(self.strings[t] for t in tokens)
-        ends = np.cumsum(self.lengths[tokens])  # [s]
-        starts = ends - self.lengths[tokens]
+        lengths = self.lengths[tokens]
+        ends = np.cumsum(lengths)  # [s]
+        starts = ends - lengths
         labels = np.zeros((len(tokens), len(self.concepts)), dtype=bool)
         for c, concept in enumerate(self.concepts):
-            covered = np.zeros(len(text) + 1, dtype=np.int64)  # +1 at a match's start, -1 past its end
-            for match in concept.regex.finditer(text):
-                if match.end() > match.start():
-                    covered[match.start()] += 1
-                    covered[match.end()] -= 1
-            inside = np.concatenate([[0], np.cumsum(np.cumsum(covered)[:-1] > 0)])  # chars inside, prefix sums
-            labels[:, c] = inside[ends] - inside[starts] > 0
+            spans = np.array([m.span() for m in concept.regex.finditer(text) if m.end() > m.start()], dtype=np.int64)
+            if not len(spans):
+                continue
+            # Token i overlaps the match [a, b) iff ends[i] > a and starts[i] < b: a run of tokens.
+            first = np.searchsorted(ends, spans[:, 0], side="right")
+            stop = np.searchsorted(starts, spans[:, 1], side="left")
+            first, stop = first[first < stop], stop[first < stop]
+            runs = np.zeros(len(tokens) + 1, dtype=np.int64)  # +1 where a run starts, -1 past its end
+            np.add.at(runs, first, 1)
+            np.add.at(runs, stop, -1)
+            labels[:, c] = np.cumsum(runs[:-1]) > 0
+        labels &= (lengths > 0)[:, None]  # an empty token covers no character
         return labels
 
     def __call__(self, tokens: np.ndarray) -> np.ndarray:
