@@ -1,7 +1,7 @@
 """SAE training throughput, side by side, on one machine in one run.
 
     python benchmarks/bench_sae.py [--store results/activations/train_000.zarr] [--expansion 8] [--batch 4096]
-                                   [--sae results/sae/x8_l1-4]
+                                   [--sae results/sae/x8_l1-3.75]
 
 Prints, for a relu SAE of the given shape on the same activations, fp32:
   1. the matrix-multiply roofline: tokens/s if a training step took only the time of its five
@@ -175,7 +175,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4096)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per trainer; the best one counts, for each contender")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--sae", type=Path, help="a trained checkpoint directory (e.g. results/sae/x8_l1-4): also time both from its weights")
+    parser.add_argument("--sae", type=Path, help="a trained checkpoint directory (e.g. results/sae/x8_l1-3.75): also time both from its weights")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
