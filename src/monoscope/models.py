@@ -120,9 +120,12 @@ class UnembedCrossEntropy(torch.autograd.Function):
 def unembedding_detached(module) -> Iterator[torch.nn.Linear]:
     """The native module returning its final hidden states [b, s, d_model] instead of logits, so its
     unembedding (yielded) can be fused with the loss."""
+    from transformer_lens.utilities.activation_functions import softcap_enabled
+
     head = module.head
-    if getattr(module, "output_logits_soft_cap", None) not in (None, -1.0, 0.0):
-        raise ValueError("fused unembedding + loss assumes no logit soft-cap")
+    soft_cap = getattr(module, "output_logits_soft_cap", None)
+    if softcap_enabled(soft_cap):
+        raise ValueError(f"the fused unembedding + loss has no logit soft-cap, but the model caps at {soft_cap}")
     module.head = torch.nn.Identity()
     try:
         yield head.original_component
