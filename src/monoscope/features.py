@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -245,13 +246,13 @@ class Codes:
 
     def dense(self, first_seq: int, n_seq: int) -> torch.Tensor:
         """f [n_seq, context, d_sae] of sequences first_seq .. first_seq + n_seq - 1."""
-        rows = slice(first_seq * self.context, (first_seq + n_seq) * self.context)
-        start, stop = int(self.indptr[rows.start]), int(self.indptr[rows.stop])
-        n_rows = rows.stop - rows.start
-        row = torch.repeat_interleave(torch.arange(n_rows), self.indptr[rows.start : rows.stop + 1].diff())
-        f = torch.zeros(n_rows, self.d_sae)
-        f[row, self.indices[start:stop]] = self.values[start:stop]
-        return f.view(n_seq, self.context, self.d_sae)
+        first_row, n_rows = first_seq * self.context, n_seq * self.context
+        indptr = self.indptr[first_row : first_row + n_rows + 1]
+        start, stop = int(indptr[0]), int(indptr[-1])
+        with warnings.catch_warnings():  # "sparse CSR support is in beta": tested in test_features.py
+            warnings.simplefilter("ignore", UserWarning)
+            block = torch.sparse_csr_tensor(indptr - start, self.indices[start:stop], self.values[start:stop], (n_rows, self.d_sae))
+            return block.to_dense().view(n_seq, self.context, self.d_sae)
 
 
 def iter_unit_blocks(dictionary, stores: Sequence[store.ActivationStore], n_seq_block: int, max_seqs: int | None,
