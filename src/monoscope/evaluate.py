@@ -110,7 +110,7 @@ def evaluate_dictionary(
     d_in = stores[0].d
     dictionary = load_dictionary(name, sae_dir, d_in).to(device())
     stats = FeatureStats(dictionary.d_sae, keep_codes=name != NEURONS)
-    sq_err = sq_dev = 0.0
+    sq_err = 0.0
     act_sum = torch.zeros(d_in, dtype=torch.float64)
     act_sq_sum = 0.0
     losses = {"clean": 0.0, "recons": 0.0, "zero_abl": 0.0}
