@@ -1,5 +1,7 @@
 """The streaming loader: coverage, determinism, resume, process split, bad data, bounded reads."""
 
+import hashlib
+
 import numpy as np
 import pytest
 import torch
@@ -97,7 +99,7 @@ def test_reads_stay_within_two_buffers_of_what_was_consumed(stores, monkeypatch)
     loader = ActivationLoader(stores, batch_size=16, buffer_tokens=128, streams=2, seed=0)
     read = []
     original = loader._read_chunk
-    monkeypatch.setattr(loader, "_read_chunk", lambda c: read.append(c.stop - c.start) or original(c))
+    monkeypatch.setattr(loader, "_read_chunk", lambda c, out: read.append(c.stop - c.start) or original(c, out))
     batches = loader.batches()
     for consumed in range(1, 120):
         next(batches)
@@ -112,3 +114,64 @@ def test_bad_configuration_is_explained(stores):
         ActivationLoader(stores, batch_size=30, streams=3, world_size=2)
     with pytest.raises(ValueError, match="at least one"):
         ActivationLoader([], batch_size=8)
+
+
+def pinned_stores(tmp_path, dtype):
+    """Three stores of 24-wide rows, chunks of 64, 96 and 64 tokens (the last store's chunk partial)."""
+    paths = []
+    for name, n_seq, chunk_tokens, seed in (("a", 40, 64, 0), ("b", 23, 96, 1), ("c", 9, 64, 2)):
+        acts = np.random.default_rng(seed).normal(size=(n_seq * 16, 24)).astype(np.float32)
+        path = tmp_path / f"{name}-{dtype}.zarr"
+        write_activation_store(path, acts, np.zeros((n_seq, 16), np.int32), {}, chunk_tokens=chunk_tokens, dtype=dtype)
+        paths.append(path)
+    return paths
+
+
+# sha256 (first 16 hex digits) of the float32 bytes of n consecutive batches, computed with the loader
+# as it was before it decoded into preallocated buffers and gathered through shuffled indices
+# (commit 11a2dd2): the rewrite must give the trainer bit-identical batches.
+PINNED_BATCHES = [  # (store dtype, batch, buffer_tokens, streams, rank, world_size, first batch, n, digest)
+    ("float16", 32, 256, 4, 0, 1, 0, 120, "b8b749f43584f28b"),
+    ("float16", 48, 1024, 2, 0, 1, 7, 90, "8f8d02b2c68b000a"),
+    ("float16", 24, 200, 8, 1, 2, 3, 100, "9c8ee6bf996c494e"),
+    ("float32", 40, 512, 1, 0, 1, 0, 80, "57e5e6eb97beccad"),
+    ("float32", 64, 4096, 4, 3, 4, 11, 60, "cad7f1ac74c0c0da"),
+]
+
+
+@pytest.mark.parametrize("dtype, batch, buffer, streams, rank, world, first, n, digest", PINNED_BATCHES)
+def test_batches_are_bit_identical_to_the_loader_before_the_rewrite(tmp_path, dtype, batch, buffer, streams, rank, world, first, n, digest):
+    loader = ActivationLoader(pinned_stores(tmp_path, dtype), batch, buffer, streams, seed=5, rank=rank, world_size=world)
+    sha = hashlib.sha256()
+    for b in take(loader.batches(first), n):
+        assert b.dtype == torch.float32 and b.shape == (loader.local_batch_size, 24)
+        sha.update(b.numpy().tobytes())
+    assert sha.hexdigest()[:16] == digest
+
+
+def test_store_dtype_batches_hold_the_same_values(tmp_path):
+    paths = pinned_stores(tmp_path, "float16")
+    as_float32 = take(ActivationLoader(paths, 32, 256, 4, seed=1).batches(5), 40)
+    as_stored = take(ActivationLoader(paths, 32, 256, 4, seed=1, dtype=None, threads=1).batches(5), 40)
+    assert all(s.dtype == torch.float16 and torch.equal(s.float(), f) for s, f in zip(as_stored, as_float32))
+
+
+def test_non_finite_check_reads_the_bits_of_nan_and_both_infinities():
+    from monoscope.loader import _all_finite
+
+    for dtype in (np.float16, np.float32):
+        rows = np.full((4, 3), -np.finfo(dtype).max, dtype)  # the largest finite magnitude passes
+        assert _all_finite(rows)
+        for bad in (np.nan, np.inf, -np.inf):
+            spoiled = rows.copy()
+            spoiled[2, 1] = bad
+            assert not _all_finite(spoiled)
+
+
+def test_zarr_path_for_other_codecs_gives_the_same_batches(tmp_path):
+    paths = pinned_stores(tmp_path, "float16")
+    direct = ActivationLoader(paths, 32, 256, 4, seed=1)
+    through_zarr = ActivationLoader(paths, 32, 256, 4, seed=1)
+    assert all(f is not None for f in direct._chunk_files), "plain Blosc stores on disk are read directly"
+    through_zarr._chunk_files = [None] * len(paths)  # what a store with another codec or storage gets
+    assert all(torch.equal(a, b) for a, b in zip(take(direct.batches(), 30), take(through_zarr.batches(), 30)))

@@ -13,8 +13,17 @@ processes. A process of P takes S/P streams, so it reads chunks no other process
 1 process or P processes see exactly the same global batches. Why blocks: batch i can be rebuilt
 from metadata alone, so resuming needs only the number of batches already drawn.
 
-Memory: the block being consumed plus the one prefetched, per stream: about 2 · buffer_tokens · d
-floats in all (a block holds at least one chunk).
+Speed: a block is decoded by a worker thread straight into one of its stream's two preallocated
+buffers, in the store's dtype (Blosc chunk files are read and decompressed without Zarr's per-call
+machinery when the array is plain bytes + Blosc on local disk), and checked for NaN/inf on the raw
+bits. Nothing is permuted in place: a batch gathers each stream's next rows through the block's
+shuffled indices, and is converted to the requested dtype once, in that gather (float32 for the
+trainer; `dtype=None` keeps the store's float16 so the conversion happens on the training device).
+Blosc decompresses with the GIL released, so `threads` workers decode on as many cores.
+
+Memory: per stream the block being consumed plus the one prefetched, in the store's dtype: about
+2 · buffer_tokens · d values in all (a block holds at least one chunk), plus one chunk of slack per
+buffer because Zarr stores a store's last chunk at full size.
 """
 
 from __future__ import annotations
@@ -28,6 +37,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from numcodecs import blosc
+from zarr.codecs import BloscCodec, BytesCodec
+from zarr.storage import LocalStore
 
 from monoscope.store import open_activations
 
@@ -38,6 +50,34 @@ class _Chunk:
     index: int
     start: int
     stop: int
+
+
+# Bit patterns: a float is NaN or inf exactly when its exponent bits are all ones.
+_NON_FINITE = {
+    np.dtype(np.float16): (np.uint16, 0x7FFF, 0x7C00),
+    np.dtype(np.float32): (np.uint32, 0x7FFF_FFFF, 0x7F80_0000),
+}
+
+
+def _all_finite(rows: np.ndarray) -> bool:
+    """np.isfinite(rows).all() on the raw bits: one integer pass, ~20x faster than isfinite on float16."""
+    if rows.dtype not in _NON_FINITE:
+        return bool(np.isfinite(rows).all())
+    unsigned, magnitude, exponent = _NON_FINITE[rows.dtype]
+    return int(np.bitwise_and(rows.view(unsigned), magnitude).max(initial=0)) < exponent
+
+
+def _blosc_chunk_files(acts) -> Path | None:
+    """The array's directory if its chunks are plain Blosc frames of little-endian rows on local disk."""
+    codecs = acts.metadata.codecs if acts.metadata.zarr_format == 3 else ()
+    plain = (
+        len(codecs) == 2
+        and isinstance(codecs[0], BytesCodec)
+        and (codecs[0].endian is None or codecs[0].endian.value == "little")
+        and isinstance(codecs[1], BloscCodec)
+        and isinstance(acts.store, LocalStore)
+    )
+    return Path(acts.store.root) / acts.store_path.path if plain else None
 
 
 class ActivationLoader:
@@ -51,13 +91,19 @@ class ActivationLoader:
         rank: int = 0,
         world_size: int = 1,
         check_finite: bool = True,
+        threads: int | None = None,
+        dtype: torch.dtype | None = torch.float32,
     ):
+        """threads: decoding workers (default: one per stream of this process, at most one per core).
+        dtype: of the batches; None yields the store's own dtype, to convert on the training device."""
         if not store_paths:
             raise ValueError("the loader needs at least one activation store")
         if streams < 1 or batch_size % streams:
             raise ValueError(f"batch_size={batch_size} must be a multiple of loader streams={streams}")
         if streams % world_size:
             raise ValueError(f"loader streams={streams} must be a multiple of the number of processes={world_size}")
+        if threads is not None and threads < 1:
+            raise ValueError(f"loader threads={threads} must be at least 1")
         self.paths = [Path(p) for p in store_paths]
         self.stores = [open_activations(p) for p in self.paths]
         dims = {s.d for s in self.stores}
@@ -71,6 +117,10 @@ class ActivationLoader:
         self.seed = seed
         self.my_streams = range(rank * streams // world_size, (rank + 1) * streams // world_size)
         self.check_finite = check_finite
+        self.threads = threads or min(len(self.my_streams), os.cpu_count() or 1)
+        self.store_dtype = np.result_type(*(s.acts.dtype for s in self.stores))  # blocks are held in this
+        self.dtype = dtype if dtype is not None else torch.from_numpy(np.empty(0, self.store_dtype)).dtype
+        self._chunk_files = [_blosc_chunk_files(s.acts) for s in self.stores]
         self.chunks = [
             _Chunk(i, j, start, min(start + s.chunk_tokens, s.n_tokens))
             for i, s in enumerate(self.stores)
@@ -78,8 +128,8 @@ class ActivationLoader:
         ]
         if len(self.chunks) < streams:
             raise ValueError(f"{len(self.chunks)} chunks in the stores cannot feed {streams} loader streams; use fewer streams")
-        max_chunk = max(c.stop - c.start for c in self.chunks)
-        self.chunks_per_block = max(1, round(buffer_tokens / streams / max_chunk))
+        self.max_chunk = max(s.chunk_tokens for s in self.stores)
+        self.chunks_per_block = max(1, round(buffer_tokens / streams / max(c.stop - c.start for c in self.chunks)))
 
     @property
     def local_batch_size(self) -> int:
@@ -102,24 +152,37 @@ class ActivationLoader:
 
     # --- reading ----------------------------------------------------------------------------------
 
-    def _read_chunk(self, chunk: _Chunk) -> np.ndarray:
+    def _read_chunk(self, chunk: _Chunk, out: np.ndarray) -> None:
+        """Decode `chunk` into out[: its rows]; out must hold a whole chunk (an edge chunk is stored whole)."""
         store = self.stores[chunk.store]
-        acts = np.asarray(store.acts[chunk.start : chunk.stop], dtype=np.float32)  # [n, d]
-        if self.check_finite and not np.isfinite(acts).all():
-            bad = int((~np.isfinite(acts)).any(axis=1).sum())
+        rows = chunk.stop - chunk.start
+        directory = self._chunk_files[chunk.store]
+        if directory is not None and store.acts.dtype == out.dtype:
+            encoded = (directory / store.acts.metadata.encode_chunk_key((chunk.index, 0))).read_bytes()
+            blosc.decompress(encoded, out[: store.chunk_tokens])  # releases the GIL
+        else:  # another codec, dtype or storage: Zarr's own path
+            out[:rows] = store.acts[chunk.start : chunk.stop]
+        if self.check_finite and not _all_finite(out[:rows]):
+            bad = int((~np.isfinite(out[:rows])).any(axis=1).sum())
             raise ValueError(
                 f"activation store {store.path}: chunk {chunk.index} (tokens {chunk.start}:{chunk.stop}) "
                 f"holds NaN or inf in {bad} rows; re-harvest this shard"
             )
-        return acts
 
-    def _read_block(self, stream: int, block: int, chunks: list[_Chunk]) -> np.ndarray:
-        acts = np.concatenate([self._read_chunk(c) for c in chunks])  # [n, d]
-        order = np.random.default_rng([self.seed, stream, block]).permutation(len(acts))
-        return acts[order]
+    def _read_block(self, stream: int, block: int, chunks: list[_Chunk], buffer: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the block's rows in store order [n, d], the order to take them in [n])."""
+        n = 0
+        for chunk in chunks:
+            self._read_chunk(chunk, buffer[n:])
+            n += chunk.stop - chunk.start
+        order = np.random.default_rng([self.seed, stream, block]).permutation(n)
+        return torch.from_numpy(buffer[:n]), torch.from_numpy(order)
 
-    def _stream_tokens(self, stream: int, start_token: int, pool: ThreadPoolExecutor) -> Iterator[np.ndarray]:
-        """Endless [sub_batch, d] slices of stream `stream`, starting at its token `start_token`."""
+    def _new_buffer(self) -> np.ndarray:
+        return np.empty(((self.chunks_per_block + 1) * self.max_chunk, self.d), self.store_dtype)
+
+    def _stream_rows(self, stream: int, start_token: int, pool: ThreadPoolExecutor) -> Iterator[None]:
+        """Stream `stream` from its token `start_token`: each send(out) fills out [sub_batch, d] with its next rows."""
         blocks = self._stream_blocks(stream)
         skipped = 0
         for block, chunks in blocks:  # skip whole blocks before start_token without reading them
@@ -127,24 +190,41 @@ class ActivationLoader:
             if skipped + size > start_token:
                 break
             skipped += size
-        offset = start_token - skipped
-        pending: Future = pool.submit(self._read_block, stream, block, chunks)
-        carry = np.empty((0, self.d), dtype=np.float32)
+        position = start_token - skipped
+        consumed, prefetch = self._new_buffer(), self._new_buffer()
+        pending: Future = pool.submit(self._read_block, stream, block, chunks, consumed)
+        gathered = torch.empty((self.sub_batch, self.d), dtype=torch.from_numpy(consumed[:0]).dtype)
+        rows, order = pending.result()
+        block, chunks = next(blocks)
+        pending = pool.submit(self._read_block, stream, block, chunks, prefetch)  # prefetch while consuming
+        out = yield
         while True:
-            current = pending.result()[offset:]
-            offset = 0
-            block, chunks = next(blocks)
-            pending = pool.submit(self._read_block, stream, block, chunks)  # prefetch while consuming
-            if len(carry):
-                current = np.concatenate([carry, current])
-            whole = len(current) - len(current) % self.sub_batch
-            for i in range(0, whole, self.sub_batch):
-                yield current[i : i + self.sub_batch]
-            carry = current[whole:]
+            filled = 0
+            while filled < self.sub_batch:
+                take = min(self.sub_batch - filled, len(order) - position)
+                where = order[position : position + take]
+                if out.dtype == rows.dtype:
+                    torch.index_select(rows, 0, where, out=out[filled : filled + take])
+                else:  # gather, then convert once: a contiguous dtype copy is far cheaper than a converting gather
+                    out[filled : filled + take].copy_(torch.index_select(rows, 0, where, out=gathered[:take]))
+                filled += take
+                position += take
+                if position == len(order):  # this block is spent: its buffer takes the one after next
+                    rows, order = pending.result()
+                    position = 0
+                    consumed, prefetch = prefetch, consumed
+                    block, chunks = next(blocks)
+                    pending = pool.submit(self._read_block, stream, block, chunks, prefetch)
+            out = yield
 
     def batches(self, start: int = 0) -> Iterator[torch.Tensor]:
-        """This process's share of global batches start, start+1, ...: float32 [local_batch_size, d]."""
-        with ThreadPoolExecutor(max_workers=len(self.my_streams), thread_name_prefix="loader") as pool:
-            iterators = [self._stream_tokens(s, start * self.sub_batch, pool) for s in self.my_streams]
-            for parts in zip(*iterators):
-                yield torch.from_numpy(np.concatenate(parts))
+        """This process's share of global batches start, start+1, ...: [local_batch_size, d] of `dtype`."""
+        with ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="loader") as pool:
+            streams = [self._stream_rows(s, start * self.sub_batch, pool) for s in self.my_streams]
+            for stream in streams:
+                next(stream)
+            while True:
+                batch = torch.empty((self.local_batch_size, self.d), dtype=self.dtype)
+                for i, stream in enumerate(streams):
+                    stream.send(batch[i * self.sub_batch : (i + 1) * self.sub_batch])
+                yield batch
