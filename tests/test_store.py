@@ -132,3 +132,29 @@ def test_consumed_rows_are_stored_alike_in_whole_and_partial_chunks(tmp_path):
             writer.append(block.copy(), consume=True)
     assert np.array_equal(store.open_activations(consumed).acts[:], store.open_activations(copied).acts[:])
     assert not np.array_equal(store.open_activations(copied).acts[:], acts)  # rounding really happened
+
+
+@pytest.mark.parametrize("codec", [store.CodecSpec(), store.CodecSpec("lz4", 5, "shuffle"), store.CodecSpec("blosclz", 1, "noshuffle")])
+def test_writer_chunk_files_are_the_bytes_zarr_writes(tmp_path, codec):
+    """The writer encodes whole chunks itself, in parallel; Zarr must find exactly its own chunk files."""
+    tokens, acts = _acts(22, 16, 12)  # 352 tokens: 5 whole chunks of 64 and a partial one
+    ours = tmp_path / "ours.zarr"
+    with store.ActivationStoreWriter(ours, tokens, 12, "float16", 64, {}, codec, workers=3) as writer:
+        for start in range(0, len(acts), 40):  # appends that straddle chunk boundaries
+            writer.append(acts[start : start + 40])
+    zarrs = zarr.create_array(tmp_path / "zarr.zarr", shape=acts.shape, chunks=(64, 12), dtype="float16",
+                              compressors=[codec.codec(2)], config={"write_empty_chunks": True})  # fmt: skip
+    zarrs[:] = acts.astype(np.float16)
+    ours_files = {f.relative_to(ours / "acts"): f.read_bytes() for f in (ours / "acts" / "c").rglob("*") if f.is_file()}
+    zarr_files = {f.relative_to(tmp_path / "zarr.zarr"): f.read_bytes() for f in (tmp_path / "zarr.zarr" / "c").rglob("*") if f.is_file()}
+    assert len(ours_files) == 6 and ours_files == zarr_files
+    np.testing.assert_array_equal(store.open_activations(ours).acts[:], acts.astype(np.float16))
+
+
+def test_failed_chunk_encoding_is_raised_in_the_caller(tmp_path, monkeypatch):
+    tokens, acts = _acts(8, 16, 4)
+    monkeypatch.setattr(store.CodecSpec, "encode", lambda self, rows: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        with store.ActivationStoreWriter(tmp_path / "s.zarr", tokens, 4, "float16", 16, {}, workers=2) as writer:
+            writer.append(acts)
+    assert list(tmp_path.iterdir()) == []

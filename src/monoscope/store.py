@@ -7,6 +7,7 @@ leaves no half-store that a later rule could mistake for a finished one.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import math
 import os
@@ -19,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import zarr
+from numcodecs import blosc
 from zarr.codecs import BloscCodec
 
 from monoscope import __version__
@@ -45,6 +47,11 @@ class CodecSpec:
 
     def codec(self, itemsize: int) -> BloscCodec:
         return BloscCodec(cname=self.cname, clevel=self.clevel, shuffle=self.shuffle, typesize=itemsize)
+
+    def encode(self, rows: np.ndarray) -> bytes:
+        """One chunk's Blosc frame, as Zarr's BloscCodec writes it (typesize = the rows' itemsize)."""
+        shuffle = {"noshuffle": blosc.NOSHUFFLE, "shuffle": blosc.SHUFFLE, "bitshuffle": blosc.BITSHUFFLE}[self.shuffle]
+        return blosc.compress(np.ascontiguousarray(rows), self.cname.encode(), self.clevel, shuffle)
 
     def as_attrs(self) -> dict[str, Any]:
         return {
@@ -175,8 +182,13 @@ def open_activations(path: str | os.PathLike) -> ActivationStore:
 class ActivationStoreWriter:
     """Stream activations into a new store, sequence block by sequence block.
 
-    Rows are buffered up to a whole chunk so each chunk is compressed and written exactly once,
-    on a background thread (Blosc releases the GIL), so compression overlaps the next forward pass.
+    Rows are buffered up to whole chunks; each whole chunk is rounded, Blosc-encoded and written as
+    its chunk file by one of `workers` threads, chunks in parallel (Blosc releases the GIL and, called
+    off the main thread, runs single-threaded, so workers never race Blosc's own threads), while the
+    caller computes the next rows. Zarr creates the array and its metadata; the chunk files are the
+    plain Blosc frames Zarr itself writes for a bytes + Blosc pipeline (tests read them back through
+    Zarr), which skips Zarr's per-call machinery on the hot path. The last, partial chunk goes through
+    Zarr, which pads it to a whole chunk.
     """
 
     def __init__(
@@ -188,7 +200,9 @@ class ActivationStoreWriter:
         chunk_tokens: int,
         attrs: dict[str, Any],
         codec: CodecSpec = CodecSpec(),
+        workers: int | None = None,
     ):
+        """workers: encoding threads (default: the cores this process may run on)."""
         self._atomic = atomic_path(path)
         tmp = self._atomic.__enter__()
         n_seq, context = tokens.shape
@@ -215,12 +229,14 @@ class ActivationStoreWriter:
                 **attrs,
             }
         )
-        self._keep_mantissa_bits = codec.keep_mantissa_bits
+        self._codec = codec
+        self._chunk_dir = tmp / "acts"
         self._pending: list[np.ndarray] = []
         self._pending_rows = 0
         self._written = 0
-        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer")
-        self._in_flight: Future | None = None
+        self.workers = workers or len(os.sched_getaffinity(0))
+        self._encoder = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="store-writer")
+        self._in_flight: collections.deque[Future] = collections.deque()
 
     def append(self, acts: np.ndarray, consume: bool = False) -> None:
         """acts: [n, d] for the next n tokens in flat (sequence-major) order, ideally already of the
@@ -236,26 +252,33 @@ class ActivationStoreWriter:
         if self._pending_rows >= chunk:
             rows = self._pending[0] if len(self._pending) == 1 else np.concatenate(self._pending)
             whole = (len(rows) // chunk) * chunk
-            self._write(rows[:whole])
+            for start in range(0, whole, chunk):
+                self._write(rows[start : start + chunk])
             self._pending = [rows[whole:]] if whole < len(rows) else []
             self._pending_rows = len(rows) - whole
 
     def _write(self, rows: np.ndarray) -> None:
-        """Queue rows behind the previous write; at most one write runs while the caller computes the next."""
-        self._wait()
+        """Queue one chunk's rows; at most two chunks per worker are in flight (bounded memory)."""
+        while len(self._in_flight) >= 2 * self.workers:
+            self._in_flight.popleft().result()  # re-raises a failed write here, in the caller
         start = self._written
         self._written += len(rows)
-        self._in_flight = self._writer.submit(self._round_and_store, slice(start, start + len(rows)), rows)
+        self._in_flight.append(self._encoder.submit(self._round_and_store, start, rows))
 
-    def _round_and_store(self, where: slice, rows: np.ndarray) -> None:
-        if self._keep_mantissa_bits is not None:
-            round_mantissa(rows, self._keep_mantissa_bits)
-        self.acts[where] = rows
+    def _round_and_store(self, start: int, rows: np.ndarray) -> None:
+        if self._codec.keep_mantissa_bits is not None:
+            round_mantissa(rows, self._codec.keep_mantissa_bits)
+        chunk = self.acts.chunks[0]
+        if len(rows) < chunk:  # the store's last chunk: Zarr pads it to a whole one
+            self.acts[start : start + len(rows)] = rows
+            return
+        file = self._chunk_dir / self.acts.metadata.encode_chunk_key((start // chunk, 0))
+        file.parent.mkdir(parents=True, exist_ok=True)
+        file.write_bytes(self._codec.encode(rows))
 
     def _wait(self) -> None:
-        if self._in_flight is not None:
-            self._in_flight.result()  # re-raises a failed write here, in the caller
-            self._in_flight = None
+        while self._in_flight:
+            self._in_flight.popleft().result()
 
     def close(self) -> None:
         if self._pending_rows:
@@ -263,14 +286,14 @@ class ActivationStoreWriter:
         try:
             self._wait()
         finally:
-            self._writer.shutdown()
+            self._encoder.shutdown()
         if self._written != self.acts.shape[0]:
             self.abort()
             raise ValueError(f"activation store got {self._written} rows, expected {self.acts.shape[0]}")
         self._atomic.__exit__(None, None, None)
 
     def abort(self) -> None:
-        self._writer.shutdown(wait=True, cancel_futures=True)
+        self._encoder.shutdown(wait=True, cancel_futures=True)
         with contextlib.suppress(BaseException):
             self._atomic.__exit__(RuntimeError, RuntimeError("aborted"), None)
 
