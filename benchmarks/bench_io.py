@@ -1,0 +1,204 @@
+"""Activation I/O (issue 20), side by side in one run on this machine.
+
+    python benchmarks/bench_io.py [--stores results/activations/train_000.zarr ...] [--threads 2]
+                                  [--batch 4096] [--tokens 400000] [--repeats 5]
+
+1. Codecs: every candidate Blosc setting re-encodes the same chunks of the stores (as stored: float16,
+   mantissa already rounded), one thread each: bytes as % of raw float32, encode and decode MB/s of
+   float16 data (medians of --repeats). The default is the one that keeps the writer and the loader
+   fastest within the byte budget (<= 41 % of float32); zstd-3 is the choice for users short of disk.
+2. Decode roofline: single-thread Blosc decode MB/s of the stores' own chunk files (read + decompress).
+3. Loader: ActivationLoader.batches() tokens/s and MB/s with --threads decoding threads, warm page
+   cache and cold (a copy evicted from the page cache), float32 batches and store-dtype batches;
+   target: MB/s >= 0.6 x roofline x threads.
+4. Writer alone (no forward pass): float32 rows cast to float16 by torch, rounded, encoded and
+   written by ActivationStoreWriter with 1 worker; MB/s of float16 per CPU-second (process time)
+   and bytes; target >= 500 MB/s per core at <= 41 % of float32 bytes.
+Without --stores it writes a synthetic float16 store (GELU of Gaussians, d 512) to a temporary directory.
+The harvest overhead (store on top of the bare forward pass) is benchmarks/bench_pipeline.py's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from monoscope.loader import ActivationLoader
+from monoscope.store import CodecSpec, ActivationStoreWriter, chunk_tokens_for, open_activations, write_activation_store
+
+CANDIDATES = [
+    CodecSpec("zstd", 3, "bitshuffle", 8),
+    CodecSpec("zstd", 1, "bitshuffle", 8),
+    CodecSpec("lz4", 5, "bitshuffle", 8),
+    CodecSpec("lz4", 1, "bitshuffle", 8),
+    CodecSpec("lz4", 5, "shuffle", 8),
+    CodecSpec("blosclz", 5, "bitshuffle", 8),
+]
+
+
+def synthetic_store(work: Path, n_tokens: int = 65_536 * 4, d: int = 512) -> Path:
+    rng = np.random.default_rng(0)
+    acts = torch.nn.functional.gelu(torch.from_numpy(rng.normal(size=(n_tokens, d)).astype(np.float32) * 1.5 - 0.5))
+    path = work / "synthetic.zarr"
+    write_activation_store(path, acts.numpy(), np.zeros((n_tokens // 128, 128), np.int32), {"model_id": "synthetic"},
+                           chunk_tokens=chunk_tokens_for(d, "float16", 128, 4), codec=CodecSpec(keep_mantissa_bits=8))  # fmt: skip
+    return path
+
+
+def one_thread(fn):
+    """Run fn on a worker thread: numcodecs' Blosc then uses one thread, as the writer's and loader's workers do."""
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(fn).result()
+
+
+def median_seconds(fn, repeats: int) -> float:
+    """Median CPU seconds of fn on one thread (CPU time, not wall: the machine is shared and noisy)."""
+
+    def timed() -> float:
+        start = time.thread_time()
+        fn()
+        return time.thread_time() - start
+
+    return statistics.median(one_thread(timed) for _ in range(repeats))
+
+
+def chunk_files(path: Path) -> list[Path]:
+    return sorted(f for f in (path / "acts" / "c").rglob("*") if f.is_file())
+
+
+def codecs_table(chunks: list[np.ndarray], repeats: int) -> None:
+    from numcodecs import blosc
+
+    megabytes = sum(c.nbytes for c in chunks) / 1e6
+    print(f"[codec] {len(chunks)} chunks, {megabytes:.0f} MB of float16, 1 thread, median of {repeats}")
+    print(f"[codec] {'codec':28}{'% of fp32':>10}{'encode MB/s':>13}{'decode MB/s':>13}")
+    for codec in CANDIDATES:
+        encoded = one_thread(lambda: [codec.encode(c) for c in chunks])
+        out = np.empty_like(chunks[0])
+        encode_s = median_seconds(lambda: [codec.encode(c) for c in chunks], repeats)
+        decode_s = median_seconds(lambda: [blosc.decompress(e, out) for e in encoded], repeats)
+        percent = 100 * sum(map(len, encoded)) / (2 * sum(c.nbytes for c in chunks))
+        name = f"{codec.cname}-{codec.clevel} {codec.shuffle}"
+        print(f"[codec] {name:28}{percent:10.1f}{megabytes / encode_s:13.0f}{megabytes / decode_s:13.0f}")
+
+
+def decode_roofline(paths: list[Path], repeats: int) -> float:
+    """Single-thread MB/s (of float16 rows) of reading and decompressing the stores' own chunk files."""
+    from numcodecs import blosc
+
+    files = [f for p in paths for f in chunk_files(p)]
+    store = open_activations(paths[0])
+    out = np.empty((store.chunk_tokens, store.d), store.acts.dtype)
+    seconds = median_seconds(lambda: [blosc.decompress(f.read_bytes(), out) for f in files], repeats)
+    return len(files) * out.nbytes / 1e6 / seconds
+
+
+def evict_from_page_cache(path: Path) -> None:
+    import os
+
+    for file in path.rglob("*"):
+        if file.is_file():
+            fd = os.open(file, os.O_RDONLY)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.close(fd)
+
+
+def loader_rate(paths: list[Path], batch: int, tokens: int, threads: int, dtype) -> tuple[float, float]:
+    """(tokens per wall second, tokens per CPU-second of the process) in steady state: timed after the
+    start-up, where every stream reads its first block and prefetches the next before batch 0."""
+    buffer_tokens = 262_144
+    loader = ActivationLoader(paths, batch_size=batch, buffer_tokens=buffer_tokens, streams=8, threads=threads, dtype=dtype)
+    batches = loader.batches()
+    for _ in range(2 * buffer_tokens // batch):
+        next(batches)
+    n = max(1, tokens // batch)
+    wall, cpu = time.perf_counter(), time.process_time()
+    for _ in range(n):
+        next(batches)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    batches.close()
+    return n * batch / wall, n * batch / cpu
+
+
+def writer_rate(rows32: torch.Tensor, codec: CodecSpec, work: Path, context: int) -> tuple[float, float, float]:
+    """(MB/s of float16 per CPU-second, wall MB/s, % of float32 bytes) for ActivationStoreWriter with 1 worker."""
+    d = rows32.shape[1]
+    tokens = np.zeros((len(rows32) // context, context), np.int32)
+    path = work / f"writer-{codec.cname}.zarr"
+    step = 8192  # a harvest batch: 64 sequences of 128
+    cpu, wall = time.process_time(), time.perf_counter()
+    with ActivationStoreWriter(path, tokens, d, "float16", chunk_tokens_for(d, "float16", context, 4), {}, codec, workers=1) as writer:
+        for start in range(0, len(rows32), step):
+            writer.append(rows32[start : start + step].to(torch.float16).numpy(), consume=True)
+    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    stored = sum(f.stat().st_size for f in chunk_files(path))
+    megabytes = rows32.numel() * 2 / 1e6
+    shutil.rmtree(path)
+    return megabytes / cpu, megabytes / wall, 100 * stored / (rows32.numel() * 4)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--stores", type=Path, nargs="*", help="activation stores; default: a synthetic one")
+    parser.add_argument("--threads", type=int, default=2, help="the loader's decoding threads (cores it uses)")
+    parser.add_argument("--batch", type=int, default=4096)
+    parser.add_argument("--tokens", type=int, default=400_000, help="tokens drawn per loader measurement")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--codec-chunks", type=int, default=16, help="chunks re-encoded per codec")
+    args = parser.parse_args()
+    torch.set_num_threads(1)  # the writer's cast counts as one core's work
+
+    with tempfile.TemporaryDirectory(prefix="bench_io_") as tmp:
+        work = Path(tmp)
+        paths = args.stores or [synthetic_store(work)]
+        stores = [open_activations(p) for p in paths]
+        first = stores[0]
+        bytes_per_token = first.d * first.acts.dtype.itemsize
+        print(f"[stores] {len(paths)} stores, {sum(s.n_tokens for s in stores):,} tokens x {first.d} {first.acts.dtype}, "
+              f"chunks of {first.chunk_tokens} tokens ({first.chunk_tokens * bytes_per_token / 2**20:.0f} MiB), codec {first.attrs.get('codec')}")  # fmt: skip
+
+        n_chunks = min(args.codec_chunks, first.n_tokens // first.chunk_tokens)
+        chunks = [np.ascontiguousarray(first.acts[i * first.chunk_tokens : (i + 1) * first.chunk_tokens]) for i in range(n_chunks)]
+        codecs_table(chunks, args.repeats)
+
+        for p in paths:  # warm the page cache
+            for f in chunk_files(p):
+                f.read_bytes()
+        roofline = decode_roofline(paths, args.repeats)
+        target = 0.6 * roofline * args.threads
+        print(f"[decode] the stores' own chunk files, 1 thread: {roofline:.0f} MB/s per CPU-second; "
+              f"loader target 0.6 x {args.threads} threads = {target:.0f} MB/s")  # fmt: skip
+
+        cold = work / "cold"
+        cold.mkdir()
+        cold_paths = [Path(shutil.copytree(p, cold / p.name)) for p in paths]
+        for label, dtype in (("float32 batches", torch.float32), ("float16 batches", None)):
+            runs = [loader_rate(paths, args.batch, args.tokens, args.threads, dtype) for _ in range(3)]
+            warm = (statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs))
+            for p in cold_paths:
+                evict_from_page_cache(p)
+            for name, (rate, per_cpu) in (("warm", warm), ("cold", loader_rate(cold_paths, args.batch, args.tokens, args.threads, dtype))):
+                megabytes = rate * bytes_per_token / 1e6
+                print(f"[loader] {label}, {name} cache, {args.threads} threads: {rate:10,.0f} tokens/s = {megabytes:5.0f} MB/s "
+                      f"= {megabytes / (roofline * args.threads):.2f} of roofline x threads (target >= 0.6); "
+                      f"per CPU-second {per_cpu * bytes_per_token / 1e6:.0f} MB = {per_cpu * bytes_per_token / 1e6 / roofline:.2f} of the decode")  # fmt: skip
+
+        rows32 = torch.from_numpy(np.concatenate(chunks).astype(np.float32))
+        for codec in (CodecSpec("lz4", 5, "bitshuffle", 8), CodecSpec("zstd", 3, "bitshuffle", 8)):
+            per_core, wall, percent = writer_rate(rows32, codec, work, first.context)
+            print(f"[writer] {codec.cname}-{codec.clevel} {codec.shuffle}, 1 worker: {per_core:.0f} MB/s of float16 per core "
+                  f"(wall {wall:.0f} MB/s) at {percent:.1f} % of float32 bytes (target >= 500 MB/s per core at <= 41 %)")  # fmt: skip
+
+
+if __name__ == "__main__":
+    sys.exit(main())
