@@ -8,7 +8,7 @@ def test_defaults_fill_every_block():
     config = validate_config({})
     assert config["model"]["native"]["d_mlp"] == 512
     assert config["sae"]["expansion_factors"] == [1, 4, 8]
-    assert config["harvest"]["cname"] == "zstd"
+    assert (config["harvest"]["cname"], config["harvest"]["clevel"]) == ("lz4", 5)
 
 
 def test_every_schema_key_has_description_and_default():

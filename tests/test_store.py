@@ -21,7 +21,7 @@ def test_activation_store_round_trip(tmp_path):
     np.testing.assert_array_equal(s.acts[:], acts)
     np.testing.assert_array_equal(s.tokens, tokens)
     assert s.attrs["hook"] == "blocks.0.mlp.hook_post"
-    assert s.attrs["codec"] == {"id": "blosc", "cname": "zstd", "clevel": 3, "shuffle": "bitshuffle", "keep_mantissa_bits": None}
+    assert s.attrs["codec"] == {"id": "blosc", "cname": "lz4", "clevel": 5, "shuffle": "bitshuffle", "keep_mantissa_bits": None}
     assert s.attrs["format_version"] == store.FORMAT_VERSION
     # every activation maps back to its token
     blocks = list(store.iter_sequence_blocks(s, 3))
