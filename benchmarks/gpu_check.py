@@ -91,7 +91,8 @@ def trainer_rate(x: torch.Tensor, expansion: int, steps: int, dtype: torch.dtype
 
 
 def loader_rate(path: Path, batch: int, n_batches: int, dtype) -> float:
-    loader = ActivationLoader([path], batch_size=batch, buffer_tokens=min(262_144, store.open_activations(path).n_tokens), streams=1, dtype=dtype)
+    loader = ActivationLoader([path], batch_size=batch, buffer_tokens=min(262_144, store.open_activations(path).n_tokens), streams=1, dtype=dtype,
+                              pin_memory=torch.cuda.is_available())  # fmt: skip
     batches = loader.batches()
     next(batches)  # the start-up read
     sync()

@@ -94,9 +94,12 @@ class ActivationLoader:
         check_finite: bool = True,
         threads: int | None = None,
         dtype: torch.dtype | None = torch.float32,
+        pin_memory: bool = False,
     ):
         """threads: decoding workers (default: one per stream of this process, at most one per core).
-        dtype: of the batches; None yields the store's own dtype, to convert on the training device."""
+        dtype: of the batches; None yields the store's own dtype, to convert on the training device.
+        pin_memory: batches in page-locked memory (needs CUDA), so .to("cuda", non_blocking=True)
+        overlaps the copy with compute; CUDA's host allocator also reuses them (no page faults)."""
         if not store_paths:
             raise ValueError("the loader needs at least one activation store")
         if streams < 1 or batch_size % streams:
@@ -118,6 +121,7 @@ class ActivationLoader:
         self.seed = seed
         self.my_streams = range(rank * streams // world_size, (rank + 1) * streams // world_size)
         self.check_finite = check_finite
+        self.pin_memory = pin_memory
         self.threads = threads or min(len(self.my_streams), os.cpu_count() or 1)
         self.store_dtype = np.result_type(*(s.acts.dtype for s in self.stores))  # blocks are held in this
         self.dtype = dtype if dtype is not None else torch.from_numpy(np.empty(0, self.store_dtype)).dtype
@@ -243,7 +247,7 @@ class ActivationLoader:
             for stream in streams:
                 next(stream)
             while True:
-                batch = torch.empty((self.local_batch_size, self.d), dtype=self.dtype)
+                batch = torch.empty((self.local_batch_size, self.d), dtype=self.dtype, pin_memory=self.pin_memory)
                 for i, stream in enumerate(streams):
                     stream.send(batch[i * self.sub_batch : (i + 1) * self.sub_batch])
                 yield batch
