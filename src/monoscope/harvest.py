@@ -52,7 +52,8 @@ def harvest_shard(
     store_dtype = getattr(torch, harvest["dtype"])  # converted by torch: numpy's float16 cast is ~7x slower
     forward_s = 0.0
     start = time.perf_counter()
-    with store.ActivationStoreWriter(out_path, tokens, d, harvest["dtype"], chunk_tokens, attrs, codec) as writer:
+    workers = torch.get_num_threads()  # encoding threads: the job's cores (runtime sets the rule's threads), not the node's
+    with store.ActivationStoreWriter(out_path, tokens, d, harvest["dtype"], chunk_tokens, attrs, codec, workers) as writer:
         for first in tqdm(range(0, len(tokens), harvest["batch_size"]), desc=f"harvest {Path(out_path).name}", mininterval=10):
             batch = torch.from_numpy(tokens[first : first + harvest["batch_size"]]).long()
             t = time.perf_counter()
