@@ -202,10 +202,10 @@ class ActivationLoader:
         consumed, prefetch = self._new_buffer(), self._new_buffer()
         pending: Future = pool.submit(self._read_block, stream, block, chunks, consumed)
         gathered = torch.empty((self.sub_batch, self.d), dtype=torch.from_numpy(consumed[:0]).dtype)
+        out = yield  # primed: every stream's first read is queued before any stream waits for its own
         rows, order = pending.result()
         block, chunks = next(blocks)
         pending = pool.submit(self._read_block, stream, block, chunks, prefetch)  # prefetch while consuming
-        out = yield
         while True:
             filled = 0
             while filled < self.sub_batch:
