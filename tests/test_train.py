@@ -228,6 +228,22 @@ def test_joint_runs_must_share_the_data_keys(tmp_path):
         make_trainer(tmp_path, {"a": run_cfg(), "b": run_cfg(batch_size=128)})
 
 
+def test_the_dead_window_follows_the_run_unless_given():
+    assert TrainConfig(train_tokens=1_000_000).dead_window == 100_000  # 10M would never pass in this run
+    assert TrainConfig(train_tokens=10**9).dead_window == 10_000_000  # Gao et al.'s window for long runs
+    assert TrainConfig(train_tokens=2000, batch_size=1024).dead_window == 1024  # never under one batch
+    assert TrainConfig(train_tokens=1_000_000, dead_window_tokens=5000).dead_window == 5000
+
+
+def test_auxk_switches_on_in_a_short_run_by_default(tmp_path):
+    trainer = make_trainer(tmp_path, {"a": run_cfg(architecture="topk", k=2, expansion_factor=8, train_tokens=64 * 200)})
+    steps_with_auxk = []
+    original = trainer.saes[0].training_losses
+    trainer.saes[0].training_losses = lambda *a, **k: (t := original(*a, **k)) and (steps_with_auxk.append("auxk" in t) or t)
+    trainer.train()
+    assert any(steps_with_auxk)  # some latent went silent for a tenth of the run, and AuxK revived it
+
+
 @pytest.mark.parametrize("architecture", ["topk", "batchtopk", "jumprelu"])
 def test_every_architecture_trains(tmp_path, architecture):
     run = run_cfg(architecture=architecture, k=4, l1_coefficient=0.01, dead_window_tokens=64 * 10)

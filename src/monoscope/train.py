@@ -55,7 +55,7 @@ class TrainConfig:
     k: int = 32  # topk / batchtopk: active features per token
     auxk_alpha: float = 1 / 32  # topk / batchtopk: weight of the AuxK loss (Gao et al. 2024)
     aux_k: int | None = None  # dead latents AuxK uses per token; None: d_in // 2
-    dead_window_tokens: int = 10_000_000  # a feature silent this long is dead (AuxK, logged dead_fraction)
+    dead_window_tokens: int | None = None  # a feature silent this long is dead (AuxK, logged dead_fraction); None: see dead_window
     jumprelu_bandwidth: float = 0.001  # jumprelu: ε of the straight-through estimators
     jumprelu_init_threshold: float = 0.001  # jumprelu: initial θ
     lr: float = 1e-4  # Adam learning rate
@@ -95,6 +95,14 @@ class TrainConfig:
     @property
     def total_steps(self) -> int:
         return math.ceil(self.train_tokens / self.batch_size)
+
+    @property
+    def dead_window(self) -> int:
+        """Tokens a feature may stay silent before it counts as dead: dead_window_tokens, or a tenth of the
+        run, at most Gao et al.'s 10M. A fixed 10M never triggers AuxK in a shorter run."""
+        if self.dead_window_tokens is not None:
+            return self.dead_window_tokens
+        return max(self.batch_size, min(10_000_000, self.train_tokens // 10))
 
 
 # --- schedules: pure functions of the step ------------------------------------------------------
@@ -439,7 +447,7 @@ class Trainer:
             if cfg.architecture == "relu":
                 terms.append(sae.relu_losses_and_grads(x_n, coefficient))
                 continue
-            dead = since_fired >= cfg.dead_window_tokens if cfg.architecture in ("topk", "batchtopk") else None
+            dead = since_fired >= cfg.dead_window if cfg.architecture in ("topk", "batchtopk") else None
             t = sae.training_losses(x_n, coefficient, dead, cfg.auxk_alpha, cfg.aux_k or sae.d_in // 2)
             t["loss"].backward()
             terms.append(t)
@@ -500,7 +508,7 @@ class Trainer:
                     f"Lower sae.lr or raise sae.lr_warmup_fraction."
                 )
             self.progress.best_loss[i] = min(best, loss)
-            dead_fraction = (self.since_fired[i] >= cfg.dead_window_tokens).float().mean().item()
+            dead_fraction = (self.since_fired[i] >= cfg.dead_window).float().mean().item()
             rows.append(
                 {
                     "sae": name,
