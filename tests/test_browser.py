@@ -50,7 +50,7 @@ def results(tmp_path_factory):
     strings[script_id] = SCRIPT_TOKEN
     if attribute_id != script_id:
         strings[attribute_id] = ATTRIBUTE_TOKEN
-    site.build_site(root, ["x2", "neurons"], strings, root / "report" / "browser")
+    site.build_site(root, ["x2", "neurons"], strings, root / "report" / "browser", live_threshold=1e-4)
     return root
 
 

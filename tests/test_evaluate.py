@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import torch
 
+from monoscope import evaluate
 from monoscope.evaluate import FeatureStats, reconstruction_score
 
 
@@ -27,3 +28,9 @@ def test_feature_stats():
     np.testing.assert_allclose(table["mean_activation"], [5 / 3, 2.0, 0.0])
     np.testing.assert_allclose(table["max_activation"], [3.0, 2.0, 0.0])
     assert stats.l0_sum / stats.n_tokens == pytest.approx(1.0)
+
+
+def test_density_bands_partition_units_at_the_live_threshold():
+    density = np.array([0.0, 0.0, 1e-6, 9.99e-5, 1e-4, 0.2])
+    assert evaluate.density_bands(density, live_threshold=1e-4) == {"dead": 2, "ultralow": 2, "live": 2}
+    assert evaluate.density_bands(density, live_threshold=1e-6) == {"dead": 2, "ultralow": 0, "live": 4}

@@ -160,7 +160,7 @@ def test_hand_written_relu_gradients_match_autograd(monkeypatch, products):
     assert 0.1 < (terms["f"] > 0).double().mean() < 0.9
     for key in ("mse", "l1", "loss", "l0"):
         assert torch.allclose(terms[key].double(), expected[key].double()), key
-    assert torch.equal(terms["fired"], expected["fired"]) and torch.equal(terms["fired"], (terms["f"] > 0).any(0))
+    assert torch.equal(terms["fire_counts"], expected["fire_counts"]) and torch.equal(terms["fire_counts"], (terms["f"] > 0).sum(0))
     for name, p in sae.named_parameters():
         assert torch.allclose(p.grad, autograd[name]), name
     with pytest.raises(ValueError, match="relu only"):

@@ -158,8 +158,8 @@ def test_resampling_reinitialises_dead_features_as_the_paper_says(tmp_path):
     sae, cfg = trainer.saes[0], trainer.cfgs[0]
     dead = torch.zeros(sae.d_sae, dtype=torch.bool)
     dead[[3, 10, 11]] = True
-    trainer.since_fired[0][dead] = cfg.resample_window * cfg.batch_size
-    trainer.since_fired[0][~dead] = 0
+    trainer.window_fires[0][dead] = 0  # silent through the window: the paper's dead neurons
+    trainer.window_fires[0][~dead] = 1
     alive_norm = sae.W_enc[:, ~dead].norm(dim=0).mean()
     before = sae.W_dec[~dead].clone()
     (row,) = trainer.resample(trainer.batches(0), 0)
@@ -177,6 +177,26 @@ def test_resampling_reinitialises_dead_features_as_the_paper_says(tmp_path):
     assert (state[sae.W_enc]["exp_avg"][:, dead] == 0).all() and (state[sae.b_enc]["exp_avg_sq"][dead] == 0).all()
     assert (state[sae.W_dec]["exp_avg_sq"][~dead] != 0).any()
 
+
+def test_resampling_above_zero_density_also_takes_the_near_dead(tmp_path):
+    trainer = make_trainer(tmp_path, {"a": run_cfg(train_tokens=64 * 30, resample_steps=[], resample_max_density=0.01)})
+    trainer.train()
+    trainer.window_tokens[0] = 1000  # a window of 1000 tokens: fewer than 10 firings is near-dead
+    fires = torch.full((trainer.saes[0].d_sae,), 50)
+    fires[[0, 1, 2]] = torch.tensor([0, 9, 10])
+    trainer.window_fires[0].copy_(fires)
+    (row,) = trainer.resample(trainer.batches(0), 0)
+    assert row["resampled"] == 2  # never fired, and 9 of 1000; 10 of 1000 stays
+    assert trainer.window_fires[0][:2].tolist() == [0, 0] and trainer.window_fires[0][2] == 10
+
+
+def test_the_resampling_window_counts_the_steps_before_each_resample_step(tmp_path):
+    trainer = make_trainer(tmp_path, {"a": run_cfg(train_tokens=64 * 30, resample_steps=[20], resample_window=8)})
+    seen = []
+    original = trainer.resample
+    trainer.resample = lambda data, i: seen.append(trainer.window_tokens[i]) or original(data, i)
+    trainer.train()
+    assert seen == [8 * trainer.cfgs[0].batch_size]
 
 def test_divergence_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(tmp_path):
     acts = synthetic_acts(64 * 50)
@@ -206,6 +226,22 @@ def test_joint_training_matches_separate_runs(tmp_path):
 def test_joint_runs_must_share_the_data_keys(tmp_path):
     with pytest.raises(ValueError, match="must share sae.batch_size"):
         make_trainer(tmp_path, {"a": run_cfg(), "b": run_cfg(batch_size=128)})
+
+
+def test_the_dead_window_follows_the_run_unless_given():
+    assert TrainConfig(train_tokens=1_000_000).dead_window == 100_000  # 10M would never pass in this run
+    assert TrainConfig(train_tokens=10**9).dead_window == 10_000_000  # Gao et al.'s window for long runs
+    assert TrainConfig(train_tokens=2000, batch_size=1024).dead_window == 1024  # never under one batch
+    assert TrainConfig(train_tokens=1_000_000, dead_window_tokens=5000).dead_window == 5000
+
+
+def test_auxk_switches_on_in_a_short_run_by_default(tmp_path):
+    trainer = make_trainer(tmp_path, {"a": run_cfg(architecture="topk", k=2, expansion_factor=8, train_tokens=64 * 200)})
+    steps_with_auxk = []
+    original = trainer.saes[0].training_losses
+    trainer.saes[0].training_losses = lambda *a, **k: (t := original(*a, **k)) and (steps_with_auxk.append("auxk" in t) or t)
+    trainer.train()
+    assert any(steps_with_auxk)  # some latent went silent for a tenth of the run, and AuxK revived it
 
 
 @pytest.mark.parametrize("architecture", ["topk", "batchtopk", "jumprelu"])

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -100,9 +101,19 @@ def test_tiny_end_to_end_outputs_make_sense(tiny_run):
         assert -1.0 < m["reconstruction_score"] <= 1.0
         assert 0 < m["l0"] < m["d_sae"]
         assert 0 <= m["fvu"] <= 1.5
+        assert m["l1_coefficient"] == 5.0 and m["architecture"] == "relu"  # the report's L1 column
+    for m in summary:  # the density bands partition the units, and agree with the per-feature table
+        bands = m["density_bands"]
+        assert sum(bands.values()) == m["d_sae"] and m["live_features"] == bands["live"]
+        density = pd.read_parquet(results / "eval" / m["name"] / "features.parquet")["density"]
+        assert bands["live"] == int((density >= m["live_threshold"]).sum()) and bands["dead"] == int((density == 0).sum())
     index = (results / "report" / "index.html").read_text()
-    assert "x2_l1-5" in index and "density.png" in index
-    assert (results / "report" / "density.png").stat().st_size > 1000
+    assert "x2_l1-5" in index and "density.png" in index and "capacity.png" in index
+    assert f"<td>{by_name['x2_l1-5']['live_features']:,}</td>" in index and "<td>5</td>" in index  # live and L1 columns
+    for figure in ("density.png", "capacity.png", "pareto.png"):
+        assert (results / "report" / figure).stat().st_size > 1000
+    browser_index = (results / "report" / "browser" / "index.html").read_text()
+    assert f"<td>{by_name['x2_l1-5']['live_features']} (" in browser_index  # the browser counts the same live units
     acts = store.open_activations(results / "activations" / "eval_000.zarr")
     assert acts.attrs["hook"] == "blocks.0.mlp.hook_post"
     assert acts.attrs["model_id"].startswith("native:")

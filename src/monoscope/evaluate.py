@@ -24,6 +24,16 @@ def reconstruction_score(clean_loss: float, recons_loss: float, zero_abl_loss: f
     return (zero_abl_loss - recons_loss) / (zero_abl_loss - clean_loss)
 
 
+def density_bands(density: np.ndarray, live_threshold: float) -> dict[str, int]:
+    """Count units per density band: dead (never fired), ultralow (fired, but on fewer than live_threshold
+    of tokens: Towards Monosemanticity's ultralow-density cluster, a training artifact) and live. Capacity
+    is the live count; a dead count alone misses the near-dead."""
+    density = np.asarray(density)
+    dead = int((density == 0).sum())
+    live = int((density >= live_threshold).sum())
+    return {"dead": dead, "ultralow": len(density) - dead - live, "live": live}
+
+
 def load_dictionary(name: str, sae_dir: str | Path | None, d_in: int) -> torch.nn.Module:
     from monoscope import sae
 
@@ -153,6 +163,9 @@ def evaluate_dictionary(
     losses = {k: v / n_seq for k, v in losses.items()}
     table = stats.table()
     dense_threshold = 10 ** settings["dense_log10_density"]
+    live_threshold = 10 ** settings["live_log10_density"]
+    bands = density_bands(table["density"].to_numpy(), live_threshold)
+    hyperparameters = getattr(dictionary, "cfg", None) and dictionary.cfg.hyperparameters
     metrics = {
         "name": name,
         "d_in": d_in,
@@ -168,7 +181,14 @@ def evaluate_dictionary(
         "mse": sq_err / (n_tokens * d_in),
         "fvu": sq_err / total_variance,
         "l0": stats.l0_sum / stats.n_tokens,
-        "dead_fraction": float((table["density"] == 0).mean()),
+        "architecture": (hyperparameters or {}).get("architecture"),
+        "l1_coefficient": (hyperparameters or {}).get("l1_coefficient"),
+        "live_threshold": live_threshold,
+        "density_bands": bands,
+        "live_features": bands["live"],
+        "live_fraction": bands["live"] / dictionary.d_sae,
+        "ultralow_fraction": bands["ultralow"] / dictionary.d_sae,
+        "dead_fraction": bands["dead"] / dictionary.d_sae,
         "dense_fraction": float((table["density"] > dense_threshold).mean()),
         "dense_threshold": dense_threshold,
     }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
+import matplotlib.ticker  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
@@ -25,6 +27,9 @@ COLUMNS = [
     ("l0", "L0", "{:.1f}"),
     ("fvu", "FVU", "{:.3f}"),
     ("mse", "MSE", "{:.4g}"),
+    ("live_features", "live", "{:,d}"),
+    ("live_fraction", "live %", "{:.1%}"),
+    ("ultralow_fraction", "ultralow", "{:.1%}"),
     ("dead_fraction", "dead", "{:.1%}"),
     ("dense_fraction", "dense", "{:.1%}"),
     ("clean_loss", "clean loss", "{:.3f}"),
@@ -52,16 +57,18 @@ def _cell(value: Any, fmt: str) -> str:
         return html.escape(str(value))
 
 
-def density_histograms(tables: dict[str, pd.DataFrame], out_png: Path) -> None:
-    """One panel per dictionary: histogram of log10 feature density, dead features counted at the left."""
+def density_histograms(tables: dict[str, pd.DataFrame], bands: dict[str, dict[str, int]], live_threshold: float, out_png: Path) -> None:
+    """One panel per dictionary: histogram of log10 feature density with the live threshold marked; the
+    title counts the bands (dead features have no density to place on the axis)."""
     names = list(tables)
     fig, axes = plt.subplots(len(names), 1, figsize=(7, 1.9 * len(names)), sharex=True, squeeze=False)
     for ax, name in zip(axes[:, 0], names):
-        table = tables[name]
-        alive = table.loc[table["density"] > 0, "log10_density"]
-        ax.hist(alive, bins=60, range=(-7, 0), color="#666" if name == NEURONS else "#3b6fb6")
-        dead = int((table["density"] == 0).sum())
-        ax.set_title(f"{name}: {len(table)} features, {dead} dead", fontsize=9, loc="left")
+        table, band = tables[name], bands[name]
+        fired = table.loc[table["density"] > 0, "log10_density"]
+        ax.hist(fired, bins=60, range=(-7, 0), color="#666" if name == NEURONS else "#3b6fb6")
+        ax.axvline(math.log10(live_threshold), color="#c0392b", lw=1, ls="--")
+        ax.set_title(f"{name}: {len(table):,} features: {band['live']:,} live, {band['ultralow']:,} ultralow "
+                     f"(left of the dashed line), {band['dead']:,} never fired", fontsize=9, loc="left")
         ax.set_ylabel("features")
     axes[-1, 0].set_xlabel("log10 feature density (fraction of held-out tokens on which it fires)")
     fig.tight_layout()
@@ -76,7 +83,9 @@ def pareto_plot(metrics: list[dict[str, Any]], out_png: Path) -> None:
     for size, group in frame.groupby("expansion_factor"):
         group = group.sort_values("l0")
         ax.plot(group["l0"], group["reconstruction_score"], "o-", label=f"{size:g}x")
-    ax.set_xscale("log")
+    # A log axis over less than a decade labels its minor ticks into an unreadable band.
+    if frame["l0"].max() > 10 * frame["l0"].min():
+        ax.set_xscale("log")
     ax.set_xlabel("L0 (features active per token)")
     ax.set_ylabel("reconstruction score")
     ax.legend(title="dictionary")
@@ -86,10 +95,35 @@ def pareto_plot(metrics: list[dict[str, Any]], out_png: Path) -> None:
     plt.close(fig)
 
 
+def capacity_plot(metrics: list[dict[str, Any]], out_png: Path) -> None:
+    """Live features against dictionary size, one line per L1 coefficient; the neurons' live count for scale.
+    A dictionary that uses its size climbs with it; the dotted line is every feature live."""
+    frame = pd.DataFrame([m for m in metrics if m["name"] != NEURONS])
+    fig, ax = plt.subplots(figsize=(6, 4))
+    sizes = sorted(frame["d_sae"].unique())
+    ax.plot(sizes, sizes, ":", color="#999", label="all features live")
+    for l1, group in frame.groupby(frame["l1_coefficient"].fillna(-1)):
+        group = group.sort_values("d_sae")
+        label = "no L1" if l1 == -1 else f"L1 {l1:g}"
+        ax.plot(group["d_sae"], group["live_features"], "o-", label=label)
+    neurons = [m for m in metrics if m["name"] == NEURONS]
+    if neurons:
+        ax.axhline(neurons[0]["live_features"], color="#666", lw=1, ls="--", label="neurons")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sizes, [f"{s:,}" for s in sizes])
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    ax.set_xlabel("dictionary size (features)")
+    ax.set_ylabel(f"live features (density ≥ {metrics[0]['live_threshold']:g})")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+
+
 def write_report(
     config: dict[str, Any],
     eval_dirs: dict[str, str | Path],
-    sae_cfgs: dict[str, dict[str, Any]],
     lm_summary: dict[str, Any] | None,
     out_dir: str | Path,
 ) -> Path:
@@ -99,14 +133,15 @@ def write_report(
     metrics, tables = [], {}
     for name, eval_dir in eval_dirs.items():
         m = json.loads((Path(eval_dir) / "metrics.json").read_text())
-        m["l1_coefficient"] = sae_cfgs.get(name, {}).get("l1_coefficient")
         m["metrics_href"] = os.path.relpath(Path(eval_dir) / "metrics.json", out)
         m["features_href"] = os.path.relpath(Path(eval_dir) / "features.parquet", out)
         metrics.append(m)
         tables[name] = pd.read_parquet(Path(eval_dir) / "features.parquet")
     metrics.sort(key=lambda m: (m["name"] != NEURONS, m["d_sae"], m["l1_coefficient"] or 0))
-    density_histograms(tables, out / "density.png")
+    live_threshold = metrics[0]["live_threshold"]
+    density_histograms(tables, {m["name"]: m["density_bands"] for m in metrics}, live_threshold, out / "density.png")
     pareto_plot(metrics, out / "pareto.png")
+    capacity_plot(metrics, out / "capacity.png")
     (out / "summary.json").write_text(json.dumps(metrics, indent=1))
 
     rows = []
@@ -134,11 +169,16 @@ The <em>neurons</em> row is the identity dictionary: the MLP's own basis, for co
 ablation effects and concept probes.</p>
 <h2>Features versus neurons</h2>
 <p>Reconstruction score = (zero-ablated loss − spliced loss) / (zero-ablated loss − clean loss), on
-{metrics[0]["eval_tokens"]:,} held-out tokens. L0, dead (never fired) and dense (fired on more than
-{metrics[0]["dense_threshold"]:.0%} of tokens) on {metrics[0]["density_tokens"]:,} held-out tokens.</p>
+{metrics[0]["eval_tokens"]:,} held-out tokens. L0 and the density bands on {metrics[0]["density_tokens"]:,}
+held-out tokens: <em>live</em> features fire on at least {live_threshold:g} of them, <em>ultralow</em> ones fire
+but more rarely (the ultralow-density cluster of <em>Towards Monosemanticity</em>, a training artifact),
+<em>dead</em> ones never; <em>dense</em> ones fire on more than {metrics[0]["dense_threshold"]:.0%} of tokens.
+A dictionary's capacity is its live count.</p>
 <table id="summary"><thead><tr>{header}</tr></thead><tbody>
 {''.join(rows)}
 </tbody></table>
+<h2>Capacity: live features against dictionary size</h2>
+<img src="capacity.png" alt="live features against dictionary size">
 <h2>Sparsity against fidelity</h2>
 <img src="pareto.png" alt="L0 against reconstruction score">
 <h2>Feature density</h2>

@@ -222,7 +222,7 @@ class SAE(nn.Module):
         terms["f"] = f.detach()
         active = terms["f"] > 0  # [B, d_sae]
         terms["l0"] = active.sum(-1).float().mean()
-        terms["fired"] = active.any(0)  # [d_sae]
+        terms["fire_counts"] = torch.count_nonzero(active, dim=0)  # [d_sae]: tokens each feature fired on
         return terms
 
     @torch.no_grad()
@@ -244,9 +244,9 @@ class SAE(nn.Module):
         n_active = int(torch.count_nonzero(active))  # (active.sum() would first cast [B, d_sae] to int64)
         l1 = f.sum() / batch
         if f.device.type == "cpu" and n_active <= SPARSE_MAX_DENSITY * f.numel():
-            error, grad_x_hat, fired = self._sparse_products(x_n, x_c, f, active, sparsity_coefficient)
+            error, grad_x_hat, fire_counts = self._sparse_products(x_n, x_c, f, active, sparsity_coefficient)
         else:
-            fired = active.any(0)
+            fire_counts = torch.count_nonzero(active, dim=0)  # [d_sae]
             error = torch.addmm(self.b_dec, f, self.W_dec).sub_(x_n)  # [B, d_in]: x_hat - x
             grad_x_hat = error * (2.0 / batch)  # [B, d_in]
             self.W_dec.grad = f.T @ grad_x_hat  # [d_sae, d_in]
@@ -258,14 +258,14 @@ class SAE(nn.Module):
         mse = error.pow(2).sum() / batch
         self.b_dec.grad = grad_x_hat.sum(0) - self.W_enc @ self.b_enc.grad  # [d_in]
         l0 = torch.tensor(n_active / batch, device=f.device)
-        return {"mse": mse, "l1": l1, "loss": mse + sparsity_coefficient * l1, "f": f, "l0": l0, "fired": fired}
+        return {"mse": mse, "l1": l1, "loss": mse + sparsity_coefficient * l1, "f": f, "l0": l0, "fire_counts": fire_counts}
 
     def _sparse_products(self, x_n, x_c, f, active, sparsity_coefficient):
         """The decoder, its gradient, the pre-activation gradient and the encoder's gradient as
         products with f in CSR form: they cost O(active entries · d_in), not O(B · d_sae · d_in),
         and leave the encoder GEMM as the step's one dense product (~3x fewer FLOPs per step at 8x
-        once L0 is ~15). Sets W_dec, W_enc and b_enc .grad; returns (x_hat - x, grad_x_hat, which
-        features fired [d_sae])."""
+        once L0 is ~15). Sets W_dec, W_enc and b_enc .grad; returns (x_hat - x, grad_x_hat, the tokens
+        each feature fired on [d_sae])."""
         batch = x_n.shape[0]
         rows, cols = active.nonzero(as_tuple=True)  # row-major: already CSR order
         row_starts = torch.zeros(batch + 1, dtype=torch.int64)
@@ -281,9 +281,7 @@ class SAE(nn.Module):
         grad_pre = torch.sparse.sampled_addmm(l1_csr, grad_x_hat, self.W_dec.T)  # [B, d_sae] CSR: λ/B + grad_x_hat @ W_dec^T, active entries only
         self.W_enc.grad = (grad_pre.t() @ x_c).T.contiguous()  # [d_in, d_sae]
         self.b_enc.grad = torch.zeros_like(self.b_enc).index_add_(0, cols, grad_pre.values())  # [d_sae]
-        fired = torch.zeros(self.d_sae, dtype=torch.bool, device=f.device)
-        fired[cols] = True
-        return error, grad_x_hat, fired
+        return error, grad_x_hat, torch.bincount(cols, minlength=self.d_sae)
 
     def _auxk_loss(self, pre, error, dead, aux_k) -> torch.Tensor:
         """Reconstruct the main model's error from the top aux_k dead latents (Gao et al. 2024, A.2)."""

@@ -27,6 +27,7 @@ import pandas as pd
 
 from monoscope import __version__
 from monoscope.config import NEURONS
+from monoscope.evaluate import density_bands
 from monoscope.features import load_features
 from monoscope.store import atomic_path
 
@@ -181,16 +182,19 @@ def write_dictionary(out: Path, name: str, features_dir: Path, feats: dict[str, 
         shutil.copy(rare_figure, directory / "rare_features.png")
 
 
-def _top_index(names: Sequence[str], all_feats: dict[str, dict], scores: dict[str, pd.DataFrame | None]) -> str:
+def _top_index(names: Sequence[str], all_feats: dict[str, dict], scores: dict[str, pd.DataFrame | None], live_threshold: float) -> str:
     e = html.escape
-    parts = ['<p class="nav"><a href="../index.html">↑ report</a></p><h1>Feature browser</h1><h2>Dictionaries</h2><table>',
-             "<tr><th>dictionary</th><th>units</th><th>alive</th><th>mean autointerp</th><th>held-out tokens</th></tr>"]
+    parts = ['<p class="nav"><a href="../index.html">↑ report</a></p><h1>Feature browser</h1><h2>Dictionaries</h2>',
+             f'<p class="muted">Live units fire on at least {live_threshold:g} of the held-out tokens; ultralow ones fire, '
+             "but more rarely (the ultralow-density cluster, a training artifact); dead ones never fire.</p><table>",
+             "<tr><th>dictionary</th><th>units</th><th>live</th><th>ultralow</th><th>dead</th><th>mean autointerp</th><th>held-out tokens</th></tr>"]
     for name in names:
         units, summary = all_feats[name]["units"], all_feats[name]["summary"]
+        bands = density_bands(units["density"].to_numpy(), live_threshold)
         mean_score = scores[name]["spearman"].mean() if scores[name] is not None else float("nan")
         parts.append(f'<tr><td class="text"><a href="{e(name)}/index.html">{e(name)}</a></td><td>{len(units)}</td>'
-                     f'<td>{int((units["density"] > 0).sum())}</td><td>{"–" if math.isnan(mean_score) else f"{mean_score:.3f}"}</td>'
-                     f'<td>{summary["n_tokens"]}</td></tr>')
+                     f'<td>{bands["live"]} ({bands["live"] / len(units):.0%})</td><td>{bands["ultralow"]}</td><td>{bands["dead"]}</td>'
+                     f'<td>{"–" if math.isnan(mean_score) else f"{mean_score:.3f}"}</td><td>{summary["n_tokens"]}</td></tr>')
     parts.append("</table>")
     concepts = list(next(iter(all_feats.values()))["summary"]["concepts"])
     if concepts:
@@ -230,8 +234,10 @@ def _top_index(names: Sequence[str], all_feats: dict[str, dict], scores: dict[st
     return "".join(parts)
 
 
-def build_site(results_dir: str | Path, names: Sequence[str], token_strings: Sequence[str], out_dir: str | Path) -> Path:
-    """Write the browser for the dictionaries `names` (their results/features/<name>/ must exist) to out_dir."""
+def build_site(results_dir: str | Path, names: Sequence[str], token_strings: Sequence[str], out_dir: str | Path,
+               live_threshold: float) -> Path:
+    """Write the browser for the dictionaries `names` (their results/features/<name>/ must exist) to out_dir;
+    units firing on at least live_threshold of the held-out tokens count as live."""
     results = Path(results_dir)
     all_feats = {name: load_features(results / "features" / name) for name in names}
     scores = {name: read_autointerp(results / "autointerp" / name / "scores.csv") for name in names}
@@ -243,6 +249,6 @@ def build_site(results_dir: str | Path, names: Sequence[str], token_strings: Seq
         (tmp / "vocab.js").write_text(_js("window.MONOSCOPE_VOCAB", list(token_strings)), encoding="utf-8")
         for name in names:
             write_dictionary(tmp, name, results / "features" / name, all_feats[name], scores[name], reverse if name == NEURONS else {}, len(token_strings))
-        body = _top_index(list(names), all_feats, scores)
+        body = _top_index(list(names), all_feats, scores, live_threshold)
         (tmp / "index.html").write_text(_page("monoscope feature browser", body, 0, [], f"/* monoscope {__version__} */"), encoding="utf-8")
     return Path(out_dir) / "index.html"

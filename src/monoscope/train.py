@@ -55,7 +55,7 @@ class TrainConfig:
     k: int = 32  # topk / batchtopk: active features per token
     auxk_alpha: float = 1 / 32  # topk / batchtopk: weight of the AuxK loss (Gao et al. 2024)
     aux_k: int | None = None  # dead latents AuxK uses per token; None: d_in // 2
-    dead_window_tokens: int = 10_000_000  # a feature silent this long is dead (AuxK, logged dead_fraction)
+    dead_window_tokens: int | None = None  # a feature silent this long is dead (AuxK, logged dead_fraction); None: see dead_window
     jumprelu_bandwidth: float = 0.001  # jumprelu: ε of the straight-through estimators
     jumprelu_init_threshold: float = 0.001  # jumprelu: initial θ
     lr: float = 1e-4  # Adam learning rate
@@ -67,7 +67,8 @@ class TrainConfig:
     lr_decay_fraction: float = 0.2  # of the steps: linear decay of the learning rate to 0 at the end
     l1_warmup_fraction: float = 0.05  # of the steps: linear warm-up of λ from 0
     resample_steps: list[int] = field(default_factory=lambda: [25_000, 50_000, 75_000, 100_000])
-    resample_window: int = 12_500  # steps: features that did not fire in this window are resampled
+    resample_window: int = 12_500  # steps before each resample step whose firing decides who is resampled
+    resample_max_density: float = 0.0  # resample features firing on fewer than this fraction of the window's tokens (0: never fired)
     resample_inputs: int = 819_200  # inputs scored to choose the new directions
     resample_encoder_scale: float = 0.2  # new encoder row norm = this * mean alive encoder row norm
     norm_sample_tokens: int = 65_536  # tokens for the normalisation constant and the geometric median
@@ -94,6 +95,14 @@ class TrainConfig:
     @property
     def total_steps(self) -> int:
         return math.ceil(self.train_tokens / self.batch_size)
+
+    @property
+    def dead_window(self) -> int:
+        """Tokens a feature may stay silent before it counts as dead: dead_window_tokens, or a tenth of the
+        run, at most Gao et al.'s 10M. A fixed 10M never triggers AuxK in a shorter run."""
+        if self.dead_window_tokens is not None:
+            return self.dead_window_tokens
+        return max(self.batch_size, min(10_000_000, self.train_tokens // 10))
 
 
 # --- schedules: pure functions of the step ------------------------------------------------------
@@ -236,6 +245,9 @@ class Trainer:
         # Tokens since each feature last fired, per SAE: dead features for AuxK, resampling, logs.
         self.since_fired = [torch.zeros(s.d_sae, dtype=torch.long, device=self.device) for s in self.saes]
         self.fired_interval = [torch.zeros(s.d_sae, dtype=torch.bool, device=self.device) for s in self.saes]
+        # Tokens each feature fired on since the current resampling window opened, and the window's tokens.
+        self.window_fires = [torch.zeros(s.d_sae, dtype=torch.long, device=self.device) for s in self.saes]
+        self.window_tokens = [0] * len(self.saes)
         self.progress = _Progress(best_loss=[math.inf] * len(self.saes))
 
     # --- checkpoints ------------------------------------------------------------------------------
@@ -259,6 +271,8 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict(),
                 "since_fired": [t.cpu() for t in self.since_fired],
                 "fired_interval": [t.cpu() for t in self.fired_interval],
+                "window_fires": [t.cpu() for t in self.window_fires],
+                "window_tokens": self.window_tokens,
                 "torch_rng": torch.get_rng_state(),
                 "generator": self.generator.get_state(),
             }
@@ -278,6 +292,8 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.since_fired = [t.to(self.device) for t in state["since_fired"]]
         self.fired_interval = [t.to(self.device) for t in state["fired_interval"]]
+        self.window_fires = [t.to(self.device) for t in state["window_fires"]]
+        self.window_tokens = list(state["window_tokens"])
         torch.set_rng_state(state["torch_rng"])
         self.generator.set_state(state["generator"])
         self.progress = _Progress(**state["progress"])
@@ -316,9 +332,11 @@ class Trainer:
 
     @torch.no_grad()
     def resample(self, data: Iterator[torch.Tensor], index: int) -> list[dict[str, Any]]:
-        """Re-initialise the features of SAE `index` that did not fire in the last resample_window steps."""
+        """Re-initialise the features of SAE `index` that fired on fewer than resample_max_density of the
+        tokens of the last resample_window steps (never, at 0): the dead and, above 0, the near-dead."""
         cfg, sae = self.cfgs[index], self.saes[index]
-        dead = self.since_fired[index] >= cfg.resample_window * cfg.batch_size  # [d_sae]
+        fires = self.window_fires[index]  # [d_sae]
+        dead = (fires == 0) | (fires < cfg.resample_max_density * self.window_tokens[index])  # [d_sae]
         n_dead = int(dead.sum())
         row = {"event": "resample", "sae": self.names[index], "step": self.progress.step, "resampled": n_dead}
         if n_dead == 0:
@@ -356,6 +374,7 @@ class Trainer:
                 if key in state:
                     state[key][rows] = 0.0
         self.since_fired[index][dead] = 0
+        self.window_fires[index][dead] = 0
         return [row]
 
     # --- the loop ---------------------------------------------------------------------------------
@@ -372,6 +391,7 @@ class Trainer:
         sums = self._zero_sums()
         bar = tqdm(total=total, initial=self.progress.step, disable=not self.show_progress, unit="step", mininterval=5)
         while self.progress.step < total:
+            self._open_resample_windows()
             x = next(data).to(self.device, non_blocking=True)
             self.progress.batches_drawn += 1
             terms = self._train_step(x)
@@ -399,14 +419,24 @@ class Trainer:
             sae.cfg.tokens_seen = tokens
         return self.saes
 
+    def _open_resample_windows(self) -> None:
+        """Start counting firings resample_window steps before each resample step (at the start if sooner)."""
+        for i, cfg in enumerate(self.cfgs):
+            if self.progress.step + cfg.resample_window in cfg.resample_steps:
+                self.window_fires[i].zero_()
+                self.window_tokens[i] = 0
+
     @torch.no_grad()
     def _update_firing(self, terms) -> None:
         for i, t in enumerate(terms):
-            fired = t["fired"]  # [d_sae]
+            counts = t["fire_counts"]  # [d_sae]: tokens of this process's batch
             if self.world > 1:
-                fired = self.acc.reduce(fired.float(), reduction="sum") > 0
+                counts = self.acc.reduce(counts, reduction="sum")
+            fired = counts > 0
             self.since_fired[i] = torch.where(fired, 0, self.since_fired[i] + self.cfg0.batch_size)
             self.fired_interval[i] |= fired
+            self.window_fires[i] += counts
+            self.window_tokens[i] += self.cfg0.batch_size
 
     def _train_step(self, x: torch.Tensor) -> list[dict[str, torch.Tensor]]:
         step = self.progress.step
@@ -417,7 +447,7 @@ class Trainer:
             if cfg.architecture == "relu":
                 terms.append(sae.relu_losses_and_grads(x_n, coefficient))
                 continue
-            dead = since_fired >= cfg.dead_window_tokens if cfg.architecture in ("topk", "batchtopk") else None
+            dead = since_fired >= cfg.dead_window if cfg.architecture in ("topk", "batchtopk") else None
             t = sae.training_losses(x_n, coefficient, dead, cfg.auxk_alpha, cfg.aux_k or sae.d_in // 2)
             t["loss"].backward()
             terms.append(t)
@@ -478,7 +508,7 @@ class Trainer:
                     f"Lower sae.lr or raise sae.lr_warmup_fraction."
                 )
             self.progress.best_loss[i] = min(best, loss)
-            dead_fraction = (self.since_fired[i] >= cfg.dead_window_tokens).float().mean().item()
+            dead_fraction = (self.since_fired[i] >= cfg.dead_window).float().mean().item()
             rows.append(
                 {
                     "sae": name,

@@ -40,6 +40,8 @@ rule site:
         scores=expand("results/autointerp/{name}/scores.csv", name=DICTIONARIES) if config["autointerp"]["enabled"] else [],
     output:
         index="results/report/browser/index.html",
+    params:
+        live_threshold=10 ** config["evaluate"]["live_log10_density"],
     log:
         "results/logs/site.log",
     benchmark:

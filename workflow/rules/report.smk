@@ -1,7 +1,6 @@
 rule report:
     input:
         metrics=expand("results/eval/{name}/metrics.json", name=DICTIONARIES),
-        sae_cfgs=expand("results/sae/{name}/cfg.json", name=SAE_NAMES),
         model="results/model/model.json",
     output:
         index="results/report/index.html",

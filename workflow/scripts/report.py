@@ -6,7 +6,6 @@ from monoscope.runtime import start_job
 
 start_job(snakemake)
 eval_dirs = {Path(p).parent.name: Path(p).parent for p in snakemake.input.metrics}
-sae_cfgs = {Path(p).parent.name: json.loads(Path(p).read_text()) for p in snakemake.input.sae_cfgs}
 model_spec = json.loads(Path(snakemake.input.model).read_text())
 lm_summary = model_spec.get("training", {}).get("summary")
-write_report(snakemake.config, eval_dirs, sae_cfgs, lm_summary, Path(snakemake.output.index).parent)
+write_report(snakemake.config, eval_dirs, lm_summary, Path(snakemake.output.index).parent)
