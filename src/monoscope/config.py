@@ -8,6 +8,7 @@ message that names the offending key, before any job starts.
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +80,12 @@ def validate_config(config: dict[str, Any]) -> dict[str, Any]:
     """Return a copy of `config` with defaults filled, or raise ConfigError naming every bad key."""
     schema = load_schema()
     config = _parse_cli_strings(copy.deepcopy(dict(config)), schema)
+    non_finite = list(_non_finite_keys(config, ""))
+    if non_finite:
+        # JSON schema's minimum/maximum compare NaN as False and inf as larger than any bound, so
+        # `.nan` would pass `exclusiveMinimum` (and silently disable checks such as max_loss_ratio).
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(
+            f"config key '{key}': {value!r} is not a finite number" for key, value in non_finite))
     validator = _with_defaults(jsonschema.Draft202012Validator)(schema)
     errors = sorted(validator.iter_errors(config), key=lambda e: list(map(str, e.absolute_path)))
     if errors:
@@ -87,6 +94,18 @@ def validate_config(config: dict[str, Any]) -> dict[str, Any]:
     if problems:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
     return _sorted_keys(config)
+
+
+def _non_finite_keys(value: Any, path: str):
+    """(key path, value) of every NaN or infinity anywhere in the config, lists included."""
+    if isinstance(value, float) and not math.isfinite(value):
+        yield path or "<top level>", value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _non_finite_keys(item, f"{path}.{key}" if path else str(key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from _non_finite_keys(item, f"{path}.{index}")
 
 
 def _sorted_keys(value: Any) -> Any:
@@ -99,7 +118,21 @@ def _sorted_keys(value: Any) -> Any:
 
 
 def _cross_key_problems(config: dict[str, Any]):
-    corpus, model = config["corpus"], config["model"]
+    corpus, model, sae = config["corpus"], config["model"], config["sae"]
+    if sae["batch_size"] % sae["loader_streams"]:
+        yield (
+            f"config key 'sae.batch_size': {sae['batch_size']} is not a multiple of "
+            f"sae.loader_streams={sae['loader_streams']} (each stream contributes an equal share of a batch)"
+        )
+    by_name: dict[str, list[float]] = {}
+    for l1 in sae["l1_coefficients"]:
+        by_name.setdefault(sae_name(1, l1), []).append(l1)
+    for values in by_name.values():
+        if len(values) > 1:
+            yield (
+                f"config key 'sae.l1_coefficients': {', '.join(map(repr, values))} give the same SAE name "
+                f"'{sae_name(1, values[0]).split('_', 1)[1]}' (names keep 6 significant digits); one run would be dropped"
+            )
     if corpus["n_eval_shards"] >= corpus["n_shards"]:
         yield (
             f"config key 'corpus.n_eval_shards': {corpus['n_eval_shards']} held-out shards leaves no training "
