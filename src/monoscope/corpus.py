@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from monoscope.store import atomic_path
+from monoscope.atomic import atomic_path
 
 
 def stdlib_documents() -> Iterator[tuple[str, str]]:

@@ -15,6 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from monoscope.config import NEURONS  # noqa: E402
+from monoscope.atomic import savefig, write_text  # noqa: E402
 
 COLUMNS = [
     ("name", "dictionary", "{}"),
@@ -65,7 +66,7 @@ def density_histograms(tables: dict[str, pd.DataFrame], out_png: Path) -> None:
         ax.set_ylabel("features")
     axes[-1, 0].set_xlabel("log10 feature density (fraction of held-out tokens on which it fires)")
     fig.tight_layout()
-    fig.savefig(out_png, dpi=110)
+    savefig(fig, out_png, dpi=110)
     plt.close(fig)
 
 
@@ -82,7 +83,7 @@ def pareto_plot(metrics: list[dict[str, Any]], out_png: Path) -> None:
     ax.legend(title="dictionary")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out_png, dpi=110)
+    savefig(fig, out_png, dpi=110)
     plt.close(fig)
 
 
@@ -107,7 +108,7 @@ def write_report(
     metrics.sort(key=lambda m: (m["name"] != NEURONS, m["d_sae"], m["l1_coefficient"] or 0))
     density_histograms(tables, out / "density.png")
     pareto_plot(metrics, out / "pareto.png")
-    (out / "summary.json").write_text(json.dumps(metrics, indent=1))
+    write_text(out / "summary.json", json.dumps(metrics, indent=1))
 
     rows = []
     for m in metrics:
@@ -146,5 +147,5 @@ ablation effects and concept probes.</p>
 </body></html>
 """
     index = out / "index.html"
-    index.write_text(page, encoding="utf-8")
+    write_text(index, page)
     return index

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import shutil
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from monoscope import __version__
+from monoscope.atomic import atomic_path
 
 FORMAT_VERSION = 1
 
@@ -76,29 +76,6 @@ def round_mantissa(values: np.ndarray, keep_bits: int) -> np.ndarray:
     ints += carry
     ints &= int_type(~((1 << drop) - 1))
     return values
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary sibling of `path`; rename it onto `path` only if the block succeeds."""
-    final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    _remove(tmp)
-    try:
-        yield tmp
-    except BaseException:
-        _remove(tmp)
-        raise
-    _remove(final)
-    os.replace(tmp, final)
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path)
-    elif path.exists():
-        path.unlink()
 
 
 def chunk_tokens_for(d: int, dtype: str, context: int, target_mib: float) -> int:
