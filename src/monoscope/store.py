@@ -93,12 +93,14 @@ def write_token_shard(path: str | os.PathLike, tokens: np.ndarray, attrs: dict[s
         raise ValueError(f"token shard {path}: expected [n_seq, context], got shape {tokens.shape}")
     with atomic_path(path) as tmp:
         group = zarr.open_group(tmp, mode="w")
-        group.create_array("tokens", data=tokens.astype(np.int32), chunks=(min(len(tokens), 1024) or 1, tokens.shape[1]))
+        group.create_array("tokens", data=tokens.astype(np.int32), chunks=(min(len(tokens), 1024) or 1, tokens.shape[1]),
+                           config={"write_empty_chunks": True})  # every chunk on disk: open checks the count
         group.attrs.update({"format_version": FORMAT_VERSION, "package_version": __version__, **attrs})
 
 
 def read_token_shard(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, Any]]:
     group = _open_group(path)
+    check_complete(path, group, ("tokens",))
     return group["tokens"][:], dict(group.attrs)
 
 
@@ -141,11 +143,30 @@ def _open_group(path: str | os.PathLike) -> zarr.Group:
     return zarr.open_group(path, mode="r")
 
 
+class IncompleteStore(ValueError):
+    """A store with chunks missing (a partial copy, a lost file): Zarr would read them as zeros."""
+
+
+def check_complete(path: str | os.PathLike, group: zarr.Group, arrays: tuple[str, ...]) -> None:
+    """Every chunk of each array is on disk. Writers store every chunk, even all-zero ones
+    (write_empty_chunks), so a missing one is a fault, not a fill value: a partly copied store
+    would otherwise train on zeros."""
+    for name in arrays:
+        array = group[name]
+        present, expected = array.nchunks_initialized, array.nchunks
+        if present != expected:
+            raise IncompleteStore(
+                f"store {path}: array '{name}' has {present} of its {expected} chunks on disk "
+                f"(a partial copy or a lost file); delete the store and rerun to rebuild it"
+            )
+
+
 def open_activations(path: str | os.PathLike) -> ActivationStore:
     group = _open_group(path)
     for name in ("acts", "tokens"):
         if name not in group:
             raise ValueError(f"activation store {path} has no '{name}' array; is it a token shard?")
+    check_complete(path, group, ("acts", "tokens"))
     return ActivationStore(Path(path), group["acts"], group["tokens"][:], dict(group.attrs))
 
 
@@ -170,7 +191,8 @@ class ActivationStoreWriter:
         tmp = self._atomic.__enter__()
         n_seq, context = tokens.shape
         group = zarr.open_group(tmp, mode="w")
-        group.create_array("tokens", data=tokens.astype(np.int32), chunks=(min(n_seq, 1024), context))
+        group.create_array("tokens", data=tokens.astype(np.int32), chunks=(min(n_seq, 1024), context),
+                           config={"write_empty_chunks": True})  # every chunk on disk: open checks the count
         dtype = np.dtype(dtype)
         self.acts = group.create_array(
             "acts",
