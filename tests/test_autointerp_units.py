@@ -123,9 +123,10 @@ def test_settings_reject_unknown_keys_and_methods():
 
 def test_cache_key_depends_on_model_and_body_and_cache_persists(tmp_path):
     body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
-    assert cache_key("m", "chat", body) == cache_key("m", "chat", dict(reversed(body.items())))
-    assert cache_key("m", "chat", body) != cache_key("n", "chat", body)
-    assert cache_key("m", "chat", body) != cache_key("m", "chat", body | {"max_tokens": 4})
+    url = "http://127.0.0.1:8000/v1"
+    assert cache_key(url, "m", "chat", body) == cache_key(url, "m", "chat", dict(reversed(body.items())))
+    assert cache_key(url, "m", "chat", body) != cache_key(url, "n", "chat", body)
+    assert cache_key(url, "m", "chat", body) != cache_key(url, "m", "chat", body | {"max_tokens": 4})
     cache = ResponseCache(tmp_path / "c.sqlite")
     cache.put("k", body, {"answer": 1})
     cache.close()
@@ -183,8 +184,12 @@ class PromptLogprobsEndpoint:
         self.placeholder_distributions = placeholder_distributions
         self.bodies = []
 
-    async def request(self, kind, body):
+    async def request(self, kind, body, parse=None):
         self.bodies.append((kind, body))
+        response = self._answer(body)
+        return parse(response) if parse else response
+
+    def _answer(self, body):
         prompt = body["prompt"]
         starts = [i + 1 for i in range(len(prompt)) if prompt.startswith(f"\t{UNKNOWN}\n", i)]  # a record's rows
         boundaries = sorted({0, *starts, *(s + len(UNKNOWN) for s in starts)})

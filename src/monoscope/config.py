@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -158,6 +159,13 @@ def _cross_key_problems(config: dict[str, Any]):
             yield f"config key 'model.native.n_heads': d_model={native['d_model']} is not divisible by {native['n_heads']} heads"
     elif model["source"] == "gguf" and not model["gguf_file"]:
         yield "config key 'model.gguf_file': model.source is 'gguf' but no file is named"
+    key_env = config["autointerp"]["api_key_env"]
+    if key_env and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key_env):
+        # Not echoed: a value that is not a variable name is most likely a pasted key.
+        yield (
+            f"config key 'autointerp.api_key_env': must name an environment variable (letters, digits, '_'), "
+            f"not hold the key itself; the value given ({len(key_env)} characters) is not shown"
+        )
     if model["source"] != "native" and model["name"] == "native-gelu-1l":
         yield f"config key 'model.name': model.source is '{model['source']}' but no model name is given"
 

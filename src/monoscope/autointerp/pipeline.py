@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from monoscope.atomic import atomic_open
 
-from .client import BudgetExceeded, ClientConfig, LLMClient, RequestFailed
+from .client import BudgetExceeded, ClientConfig, LLMClient, RequestFailed, job_cache_path
 from .explain import explain
 from .records import UnitRecords, collect_records
 from .score import correlation_scores
@@ -158,7 +158,10 @@ async def _interpret_unit(client, unit: UnitRecords, strings, settings, method) 
             for record in unit.scoring)
     except (BadAnswer, RequestFailed, BudgetExceeded) as error:
         kind = {BadAnswer: "bad_answer", RequestFailed: "request_failed", BudgetExceeded: "budget"}[type(error)]
-        return result | {"status": f"failed_{kind}", "reason": f"{stage}: {error}"}
+        return result | {"status": f"failed_{kind}", "reason": client.redact(f"{stage}: {error}")}
+    except Exception as error:  # noqa: BLE001 - an odd answer (KeyError, OverflowError...) fails its unit, not the dictionary
+        log.warning("unit %d failed at %s: %s", unit.unit, stage, client.redact(repr(error)))
+        return result | {"status": "failed_error", "reason": client.redact(f"{stage}: {type(error).__name__}: {error}")[:300]}
     for record, simulation in zip(unit.scoring, simulations):
         result["simulations"].append({
             "kind": record.kind, "sequence": record.sequence, "start": record.start,
@@ -172,8 +175,8 @@ async def _interpret_unit(client, unit: UnitRecords, strings, settings, method) 
     return result | scores | {"status": status, "reason": "" if status == "ok" else "true activations are constant"}
 
 
-async def _run(units, strings, settings: AutointerpSettings) -> tuple[list[dict], dict]:
-    async with LLMClient(settings.client_config(), settings.cache_path, rng_seed=settings.seed) as client:
+async def _run(units, strings, settings: AutointerpSettings, cache_path: str | Path | None = None) -> tuple[list[dict], dict]:
+    async with LLMClient(settings.client_config(), cache_path or settings.cache_path, rng_seed=settings.seed) as client:
         notes: dict[str, str] = {}
         method = settings.simulation_method
         if method == "auto":
@@ -226,7 +229,8 @@ def run_dictionary(activation_paths: Sequence[str | Path], name: str, sae_dir: s
                               n_quantile=settings.n_quantile, n_explain=settings.n_explain,
                               record_len=settings.record_len, seed=settings.seed,
                               quantile_pool=settings.quantile_pool)
-    results, usage = asyncio.run(_run(records, token_strings(tokenizer_dir), settings))
+    cache_path = job_cache_path(settings.cache_path, name)  # one writer per cache file (see client)
+    results, usage = asyncio.run(_run(records, token_strings(tokenizer_dir), settings, cache_path))
     usage |= {"dictionary": name, "units": len(units), "elapsed_s": round(time.monotonic() - started, 3)}
     write_results(results, usage, out_dir)
     return usage
