@@ -125,3 +125,13 @@ def test_batch_size_not_a_multiple_of_loader_streams_is_rejected_at_planning(bat
     with pytest.raises(ConfigError, match="'sae.batch_size'.*loader_streams"):
         validate_config({"sae": {"batch_size": batch_size, "loader_streams": streams}})
     validate_config({"sae": {"batch_size": 1024, "loader_streams": 8}})
+
+
+@pytest.mark.parametrize("config, key", [
+    ({"autointerp": {"n_units": 10**9}}, "autointerp.n_units"),
+    ({"autointerp": {"quantile_pool": 10**8, "n_units": 1000}}, "autointerp.n_units"),
+    ({"sae": {"resample_inputs": 10**11}}, "sae.resample_inputs"),
+])
+def test_counts_that_size_a_whole_buffer_are_bounded_before_any_job(config, key):
+    with pytest.raises(ConfigError, match=f"'{key}'.*GiB bound"):
+        validate_config(config)

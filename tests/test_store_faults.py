@@ -109,3 +109,13 @@ def test_a_harvest_that_overflows_names_the_shard_and_leaves_no_store(tmp_path, 
     with pytest.raises(harvest.NonFiniteActivations, match=r"train_003.zarr: 4 activation.*sequence 3, position 5"):
         harvest.harvest_shard(config, None, "m", tmp_path / "train_003.zarr", out, log=lambda _: None)
     assert not out.exists() and list(out.parent.iterdir()) == []
+
+
+def test_opening_a_store_leaves_its_tokens_on_disk(tmp_path):
+    """Thousands of stores are opened at once (the loader, evaluation): their tokens stay on disk."""
+    path = _write(tmp_path / "s.zarr", n_seq=2048)
+    opened = store.open_activations(path)
+    assert opened.n_seq == 2048 and opened.context == 8
+    assert not isinstance(opened.tokens, np.ndarray)
+    blocks = list(store.iter_sequence_blocks(opened, 1000))
+    assert [len(t) for t, _ in blocks] == [1000, 1000, 48] and isinstance(blocks[0][0], np.ndarray)

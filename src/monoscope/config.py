@@ -159,6 +159,7 @@ def _cross_key_problems(config: dict[str, Any]):
             yield f"config key 'model.native.n_heads': d_model={native['d_model']} is not divisible by {native['n_heads']} heads"
     elif model["source"] == "gguf" and not model["gguf_file"]:
         yield "config key 'model.gguf_file': model.source is 'gguf' but no file is named"
+    yield from _memory_problems(config)
     key_env = config["autointerp"]["api_key_env"]
     if key_env and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key_env):
         # Not echoed: a value that is not a variable name is most likely a pasted key.
@@ -168,6 +169,33 @@ def _cross_key_problems(config: dict[str, Any]):
         )
     if model["source"] != "native" and model["name"] == "native-gelu-1l":
         yield f"config key 'model.name': model.source is '{model['source']}' but no model name is given"
+
+
+# Counts that size a buffer held whole in one job are checked against this before any job starts: a
+# typo such as n_units: 10**9 should be a message naming the key, not an out-of-memory kill hours later.
+MAX_BUFFER_GIB = 64
+
+
+def _memory_problems(config: dict[str, Any]):
+    gib = 2**30
+    context = config["tokenizer"]["context"]
+    auto = config["autointerp"]
+    per_unit = auto["n_top"] + auto["n_random"] + auto["quantile_pool"]
+    pools = auto["n_units"] + auto["n_top_density"]
+    pool_bytes = pools * per_unit * context * (4 + 4)  # tokens int32 + activations float32 per record slot
+    if pool_bytes > MAX_BUFFER_GIB * gib:
+        yield (
+            f"config key 'autointerp.n_units': {pools} units x {per_unit} record slots (n_top + n_random + "
+            f"quantile_pool) x {context} tokens hold {pool_bytes / gib:.0f} GiB, over the {MAX_BUFFER_GIB} GiB bound"
+        )
+    if config["model"]["source"] == "native":
+        d_in = config["model"]["native"]["d_mlp"]
+        resample_bytes = config["sae"]["resample_inputs"] * d_in * 4 * 2  # inputs and their losses' reconstructions
+        if resample_bytes > MAX_BUFFER_GIB * gib:
+            yield (
+                f"config key 'sae.resample_inputs': {config['sae']['resample_inputs']} inputs of width {d_in} hold "
+                f"{resample_bytes / gib:.0f} GiB during resampling, over the {MAX_BUFFER_GIB} GiB bound"
+            )
 
 
 def hook_name(config: dict[str, Any]) -> str:

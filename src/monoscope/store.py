@@ -113,7 +113,9 @@ class ActivationStore:
 
     path: Path
     acts: zarr.Array  # [n_tokens, d], chunked along tokens
-    tokens: np.ndarray  # int32 [n_seq, context]; flat token i is tokens[i // context, i % context]
+    # int32 [n_seq, context], read lazily (slices give numpy): a run opens thousands of stores and
+    # most readers need a block at a time; flat token i is tokens[i // context, i % context]
+    tokens: zarr.Array
     attrs: dict[str, Any]
 
     @property
@@ -167,7 +169,7 @@ def open_activations(path: str | os.PathLike) -> ActivationStore:
         if name not in group:
             raise ValueError(f"activation store {path} has no '{name}' array; is it a token shard?")
     check_complete(path, group, ("acts", "tokens"))
-    return ActivationStore(Path(path), group["acts"], group["tokens"][:], dict(group.attrs))
+    return ActivationStore(Path(path), group["acts"], group["tokens"], dict(group.attrs))
 
 
 class ActivationStoreWriter:
@@ -300,7 +302,8 @@ def write_activation_store(
 def iter_sequence_blocks(store: ActivationStore, seqs_per_block: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yield (tokens [b, context] int32, acts [b, context, d] float32) in order."""
     context = store.context
+    tokens = store.tokens[:]  # this store's only, while it is read (small blocks would decode a chunk each)
     for start in range(0, store.n_seq, seqs_per_block):
         stop = min(start + seqs_per_block, store.n_seq)
         acts = store.acts[start * context : stop * context].astype(np.float32, copy=False)
-        yield store.tokens[start:stop], acts.reshape(stop - start, context, store.d)
+        yield tokens[start:stop], acts.reshape(stop - start, context, store.d)
