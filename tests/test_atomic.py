@@ -4,6 +4,7 @@ one is whole, temporaries of killed attempts removed, fsync before the rename.""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -103,3 +104,27 @@ def test_atomic_open_refuses_append(tmp_path):
     with pytest.raises(ValueError, match="mode"):
         with atomic.atomic_open(tmp_path / "log", "a"):
             pass
+
+
+WRITE_CALL = re.compile(r"(?<!atomic)\.write_text\(|(?<!atomic)\.write_bytes\(|open\([^)]*['\"]w|\.to_parquet\(|\.to_csv\(|\.savefig\(|"
+                        r"\bsave_file\(|torch\.save\(|save_pretrained\(")
+# Functions that write into a directory their caller builds under atomic_path (not outputs themselves),
+# and files that are not pipeline outputs.
+WRITES_INTO_CALLERS_TEMPORARY = {("site.py", "write_dictionary"), ("evaluate.py", "save_codes"),
+                                 ("saelens_export.py", "ensure_saelens_env")}
+
+
+def test_outputs_are_written_only_through_the_atomic_helper():
+    """Every write in the package goes to a temporary of atomic_path (its target names `tmp`), or sits
+    in a function that writes into its caller's temporary directory."""
+    offenders = []
+    for path in sorted((ROOT / "src" / "monoscope").rglob("*.py")) + sorted((ROOT / "workflow" / "scripts").glob("*.py")):
+        if path.name == "atomic.py":
+            continue
+        function = None
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if match := re.match(r"\s*(?:async )?def (\w+)", line):
+                function = match.group(1)
+            if WRITE_CALL.search(line) and "tmp" not in line and (path.name, function) not in WRITES_INTO_CALLERS_TEMPORARY:
+                offenders.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
+    assert not offenders, "write through monoscope.atomic instead:\n" + "\n".join(offenders)
