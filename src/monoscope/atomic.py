@@ -19,6 +19,7 @@ import os
 import shutil
 import socket
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any
 
@@ -107,9 +108,12 @@ def _fsync_tree(path: Path) -> None:
     if path.is_file():
         _fsync_file(path)
         return
-    for root, dirs, files in os.walk(path):
-        for name in files:
-            _fsync_file(Path(root) / name)
+    walked = list(os.walk(path))
+    files = [Path(root) / name for root, _, names in walked for name in names]
+    # Many at once: on a network file system each fsync is a round trip; locally the disk queues them.
+    with ThreadPoolExecutor(max_workers=min(8, max(1, len(files)))) as pool:
+        list(pool.map(_fsync_file, files))
+    for root, _, _ in reversed(walked):  # directories after their files, deepest first
         _fsync_dir(Path(root))
 
 
