@@ -6,7 +6,6 @@ checks for a JSON 4xx/5xx answer, never a dropped connection or a hang.
 
 from __future__ import annotations
 
-import http.client
 import json
 import re
 import shutil
