@@ -14,12 +14,12 @@ from monoscope import harvest, store
 from monoscope.config import validate_config
 
 
-def _write(path, n_seq=12, context=8, d=4, zero_tokens=False):
+def _write(path, n_seq=12, context=8, d=4, zero_tokens=False, chunk_seqs=2):
     rng = np.random.default_rng(0)
     tokens = np.zeros((n_seq, context), np.int32) if zero_tokens else rng.integers(0, 99, (n_seq, context)).astype(np.int32)
     acts = np.zeros((n_seq * context, d), np.float32)  # all-zero chunks are legitimate and must be on disk too
     acts[: context * 4] = rng.normal(size=(context * 4, d))
-    store.write_activation_store(path, acts, tokens, {"hook": "h"}, chunk_tokens=context * 2, dtype="float16")
+    store.write_activation_store(path, acts, tokens, {"hook": "h"}, chunk_tokens=context * chunk_seqs, dtype="float16")
     return path
 
 
@@ -31,7 +31,7 @@ def test_a_whole_store_opens_even_with_all_zero_chunks(tmp_path, zero_tokens):
 
 @pytest.mark.parametrize("lost", ["acts/c/0/0", "acts/c/5/0", "tokens/c/0/0", "acts/c"])
 def test_a_store_with_chunks_missing_is_refused_naming_it(tmp_path, lost):
-    path = _write(tmp_path / "s.zarr", n_seq=2048)  # two token chunks of 1024 sequences
+    path = _write(tmp_path / "s.zarr", n_seq=2048, chunk_seqs=256)  # two token chunks of 1024 sequences, 8 of acts
     target = path / lost
     shutil.rmtree(target) if target.is_dir() else target.unlink()
     with pytest.raises(store.IncompleteStore, match=rf"{path}.*'{lost.split('/')[0]}' has \d+ of its \d+ chunks"):
@@ -113,7 +113,7 @@ def test_a_harvest_that_overflows_names_the_shard_and_leaves_no_store(tmp_path, 
 
 def test_opening_a_store_leaves_its_tokens_on_disk(tmp_path):
     """Thousands of stores are opened at once (the loader, evaluation): their tokens stay on disk."""
-    path = _write(tmp_path / "s.zarr", n_seq=2048)
+    path = _write(tmp_path / "s.zarr", n_seq=2048, chunk_seqs=256)
     opened = store.open_activations(path)
     assert opened.n_seq == 2048 and opened.context == 8
     assert not isinstance(opened.tokens, np.ndarray)
