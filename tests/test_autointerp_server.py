@@ -127,12 +127,14 @@ def test_faults_end_in_scores_or_failures_and_answered_requests_are_kept(llm_bas
     root = llm_base_url.removesuffix("/v1")
     with FaultProxy(root, p_429=0.2, p_500=0.15, p_truncate=0.15, seed=1) as proxy:
         results, usage = run(unit_records, settings_for(proxy.url + "/v1", tmp_path, max_retries=2))
-    assert proxy.counts.status_429 and proxy.counts.status_500 and proxy.counts.truncated
-    assert usage["retries"] > 0 and set(usage["errors"]) >= {"429", "500"}
-    assert all(r["status"] == "ok" or r["status"].startswith("failed_") and r["reason"] for r in results)
+        assert proxy.counts.status_429 and proxy.counts.status_500 and proxy.counts.truncated
+        assert usage["retries"] > 0 and set(usage["errors"]) >= {"429", "500"}
+        assert all(r["status"] == "ok" or r["status"].startswith("failed_") and r["reason"] for r in results)
 
-    # Without faults, the rerun sends only what the faulty run never got answered.
-    clean, clean_usage = run(unit_records, settings_for(llm_base_url, tmp_path))
+        # Without faults, the rerun (same endpoint: the server is part of the cache key) sends only
+        # what the faulty run never got answered.
+        proxy.p_429 = proxy.p_500 = proxy.p_truncate = 0.0
+        clean, clean_usage = run(unit_records, settings_for(proxy.url + "/v1", tmp_path))
     assert [r["status"] for r in clean] == ["ok"] * 3
     assert clean_usage["requests"] == 3 + 3 * 2 * 4 - usage["answered"]
     for before, after in zip(results, clean):

@@ -123,9 +123,10 @@ def test_settings_reject_unknown_keys_and_methods():
 
 def test_cache_key_depends_on_model_and_body_and_cache_persists(tmp_path):
     body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
-    assert cache_key("m", "chat", body) == cache_key("m", "chat", dict(reversed(body.items())))
-    assert cache_key("m", "chat", body) != cache_key("n", "chat", body)
-    assert cache_key("m", "chat", body) != cache_key("m", "chat", body | {"max_tokens": 4})
+    url = "http://127.0.0.1:8000/v1"
+    assert cache_key(url, "m", "chat", body) == cache_key(url, "m", "chat", dict(reversed(body.items())))
+    assert cache_key(url, "m", "chat", body) != cache_key(url, "n", "chat", body)
+    assert cache_key(url, "m", "chat", body) != cache_key(url, "m", "chat", body | {"max_tokens": 4})
     cache = ResponseCache(tmp_path / "c.sqlite")
     cache.put("k", body, {"answer": 1})
     cache.close()
@@ -183,8 +184,12 @@ class PromptLogprobsEndpoint:
         self.placeholder_distributions = placeholder_distributions
         self.bodies = []
 
-    async def request(self, kind, body):
+    async def request(self, kind, body, parse=None):
         self.bodies.append((kind, body))
+        response = self._answer(body)
+        return parse(response) if parse else response
+
+    def _answer(self, body):
         prompt = body["prompt"]
         starts = [i + 1 for i in range(len(prompt)) if prompt.startswith(f"\t{UNKNOWN}\n", i)]  # a record's rows
         boundaries = sorted({0, *starts, *(s + len(UNKNOWN) for s in starts)})
@@ -217,3 +222,44 @@ def test_all_at_once_simulation_reads_each_placeholders_distribution(method):
     (kind, body), = endpoint.bodies
     assert kind == "completions" and body["echo"] is True and body["max_tokens"] == 1
     assert ("prompt_logprobs" in body) == (method == "prompt_logprobs")
+
+
+def test_a_sheet_filled_for_an_earlier_key_is_never_attributed_to_other_units(tmp_path):
+    first = [{"dictionary": "x8", "unit": u, "explanation": f"thing {u}", "examples": "e"} for u in range(4)]
+    export_sheet(first, tmp_path / "one", seed=0)
+    rows = list(csv.DictReader(open(tmp_path / "one" / "rating_sheet.csv", newline="")))
+    by_item = {r["item"]: int(r["unit"]) for r in csv.DictReader(open(tmp_path / "one" / "ratings_key.csv"))}
+    filled = tmp_path / "filled"
+    filled.mkdir()
+    with open(filled / "old.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, rows[0].keys())
+        writer.writeheader()
+        writer.writerows({**r, "confidence": str(1 + by_item[r["item"]])} for r in rows)  # unit u rated u + 1
+    # The next run: unit 1 is explained differently, unit 0 is gone, unit 9 is new; the order is reshuffled.
+    second = [{"dictionary": "x8", "unit": u, "explanation": "other" if u == 1 else f"thing {u}", "examples": "e"}
+              for u in (9, 3, 2, 1)]
+    export_sheet(second, tmp_path / "two", seed=0)
+    summary = ingest_ratings(filled, tmp_path / "two" / "ratings_key.csv")
+    assert summary["stale_rows"] == {"old.csv": 2}  # units 0 and 1 (old explanation)
+    assert summary["dictionaries"]["x8"]["confidence"] == {"mean": (3 + 4) / 2, "n": 2}  # units 2 and 3, as rated
+
+
+def test_excel_byte_order_marks_and_header_spaces_are_read(tmp_path):
+    items = [{"dictionary": "x8", "unit": u, "explanation": f"thing {u}", "examples": "e"} for u in range(2)]
+    export_sheet(items, tmp_path / "out", seed=0)
+    rows = list(csv.DictReader(open(tmp_path / "out" / "rating_sheet.csv", newline="")))
+    filled = tmp_path / "filled"
+    filled.mkdir()
+    with open(filled / "excel.csv", "w", newline="", encoding="utf-8-sig") as f:
+        writer = csv.writer(f)
+        writer.writerow([" Item ", "Confidence "])
+        writer.writerows([r["item"], "4"] for r in rows)
+    summary = ingest_ratings(filled, tmp_path / "out" / "ratings_key.csv")
+    assert summary["dictionaries"]["x8"]["confidence"] == {"mean": 4.0, "n": 2} and summary["stale_rows"] == {}
+
+
+@pytest.mark.parametrize("text", ['=HYPERLINK("http://evil","x")', "+1+1", "-2", "@SUM(A1)", "\tx", "\rx"])
+def test_explanations_that_look_like_formulas_are_written_as_text(tmp_path, text):
+    export_sheet([{"dictionary": "x8", "unit": 0, "explanation": text, "examples": text}], tmp_path, seed=0)
+    (row,) = csv.DictReader(open(tmp_path / "rating_sheet.csv", newline=""))
+    assert row["explanation"] == "'" + text and row["examples"] == "'" + text

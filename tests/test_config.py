@@ -90,3 +90,48 @@ def test_key_order_in_the_yaml_does_not_change_the_validated_config():
     forward = validate_config({"corpus": {"source": "stdlib", "n_shards": 4}, "seed": 1})
     backward = validate_config({"seed": 1, "corpus": {"n_shards": 4, "source": "stdlib"}})
     assert repr(forward) == repr(backward)
+
+
+@pytest.mark.parametrize(
+    "config, key",
+    [
+        ({"sae": {"lr": float("nan")}}, "sae.lr"),
+        ({"sae": {"max_loss_ratio": float("nan")}}, "sae.max_loss_ratio"),
+        ({"harvest": {"chunk_mib": float("inf")}}, "harvest.chunk_mib"),
+        ({"sae": {"l1_coefficients": [1.0, float("-inf")]}}, "sae.l1_coefficients.1"),
+        ({"evaluate": {"dense_log10_density": float("-inf")}}, "evaluate.dense_log10_density"),
+        ({"autointerp": {"timeout_s": float("inf")}}, "autointerp.timeout_s"),
+        # What `--config sae='{lr: nan}'` or `harvest='{chunk_mib: .inf}'` delivers: strings.
+        ({"sae": {"lr": "nan"}}, "sae.lr"),
+        ({"harvest": {"chunk_mib": ".inf"}}, "harvest.chunk_mib"),
+        ({"sae": {"beta1": "-Infinity"}}, "sae.beta1"),
+    ],
+)
+def test_non_finite_numbers_are_rejected_everywhere(config, key):
+    """JSON schema bounds let NaN through (every comparison is False) and inf through `minimum`."""
+    with pytest.raises(ConfigError, match=f"'{key}'.*not a finite number"):
+        validate_config(config)
+
+
+@pytest.mark.parametrize("l1s", [[0.0004, 0.00040000001], [3.75, 3.7500000001, 1.0], [1e-7, 1.0000001e-7]])
+def test_l1_coefficients_that_share_a_run_name_are_rejected(l1s):
+    with pytest.raises(ConfigError, match="'sae.l1_coefficients'.*same SAE name"):
+        validate_config({"sae": {"l1_coefficients": l1s}})
+    assert len(sae_runs(validate_config({"sae": {"l1_coefficients": [0.0004, 0.0005]}}))) == 3 * 2
+
+
+@pytest.mark.parametrize("batch_size, streams", [(1000, 3), (7, 8), ("1025", "8")])
+def test_batch_size_not_a_multiple_of_loader_streams_is_rejected_at_planning(batch_size, streams):
+    with pytest.raises(ConfigError, match="'sae.batch_size'.*loader_streams"):
+        validate_config({"sae": {"batch_size": batch_size, "loader_streams": streams}})
+    validate_config({"sae": {"batch_size": 1024, "loader_streams": 8}})
+
+
+@pytest.mark.parametrize("config, key", [
+    ({"autointerp": {"n_units": 10**9}}, "autointerp.n_units"),
+    ({"autointerp": {"quantile_pool": 10**8, "n_units": 1000}}, "autointerp.n_units"),
+    ({"sae": {"resample_inputs": 10**11}}, "sae.resample_inputs"),
+])
+def test_counts_that_size_a_whole_buffer_are_bounded_before_any_job(config, key):
+    with pytest.raises(ConfigError, match=f"'{key}'.*GiB bound"):
+        validate_config(config)

@@ -4,6 +4,7 @@ kill -9 (bit-identical on the CPU), and 2 processes under accelerate (gloo) agai
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,6 +27,7 @@ from monoscope.train import (
     lr_at,
     norm_scale_for,
     sparsity_at,
+    store_identity,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -253,6 +255,84 @@ def test_every_architecture_trains(tmp_path, architecture):
     assert rows[-1]["explained_variance"] > 0.5 and math.isfinite(rows[-1]["loss"])
     if architecture == "topk":
         assert rows[-1]["l0"] <= 4
+
+
+# --- torn and corrupted resume files, then a rerun ---------------------------------------------
+
+
+SMALL_RUN = run_cfg(expansion_factor=2, train_tokens=64 * 60, checkpoint_every=20, log_every=10, resample_steps=[30])
+
+
+def _weights(sae):
+    return {k: v.clone() for k, v in sae.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    """An uninterrupted run; it leaves its last checkpoint (step 40) and its log (through step 60)."""
+    root = tmp_path_factory.mktemp("straight")
+    trainer = make_trainer(root, {"a": SMALL_RUN})
+    (sae,) = trainer.train()
+    return trainer.resume_dir, _weights(sae), trainer.log_path.read_text()
+
+
+def _rerun_from(tmp_path, straight_run, damage):
+    resume_dir, weights, log_text = straight_run
+    shutil.copytree(resume_dir, tmp_path / "resume")
+    trainer = make_trainer(tmp_path, {"a": SMALL_RUN})
+    damage(trainer)
+    (sae,) = trainer.train()
+    assert all(torch.equal(weights[k], v) for k, v in sae.state_dict().items()), "the rerun ended elsewhere"
+    assert trainer.log_path.read_text() == log_text
+    assert sorted(p.name for p in trainer.resume_dir.iterdir()) == ["checkpoint.pt", "train_log.jsonl"]  # no temporaries
+    return trainer
+
+
+@pytest.mark.parametrize("torn", ['{"step": 18', "{", '\xff\xfe{"st', "null", '{"sae": "a"}', '[1, 2]', '{"step": "x"'])
+def test_a_torn_last_log_line_is_dropped_and_the_rerun_matches(tmp_path, straight_run, torn):
+    def tear(trainer):
+        with open(trainer.log_path, "a", encoding="utf-8", errors="surrogateescape") as f:
+            f.write(torn)  # no newline: the write was cut short
+
+    _rerun_from(tmp_path, straight_run, tear)
+
+
+@pytest.mark.parametrize("corrupt", ["truncated", "empty", "garbage", "not_a_checkpoint", "missing_keys"])
+def test_an_unreadable_checkpoint_restarts_from_zero_with_a_warning(tmp_path, straight_run, corrupt, caplog):
+    def damage(trainer):
+        path = trainer.checkpoint_path
+        data = path.read_bytes()
+        if corrupt == "truncated":
+            path.write_bytes(data[: len(data) // 2])
+        elif corrupt == "empty":
+            path.write_bytes(b"")
+        elif corrupt == "garbage":
+            path.write_bytes(os.urandom(4096))
+        elif corrupt == "not_a_checkpoint":
+            torch.save([1, 2, 3], path)
+        else:
+            state = torch.load(path, weights_only=False)
+            del state["optimizer"]
+            torch.save(state, path)
+
+    with caplog.at_level("WARNING", logger="monoscope.train"):
+        _rerun_from(tmp_path, straight_run, damage)
+    assert any("checkpoint" in r.message and "step 0" in r.message and str(tmp_path) in r.message for r in caplog.records)
+
+
+def test_a_checkpoint_from_stores_of_another_hook_or_model_is_not_resumed(tmp_path, straight_run):
+    resume_dir = straight_run[0]
+    identity = store_identity({"model_id": "native:aa", "hook": "blocks.0.mlp.hook_post", "dtype": "float16"}, 3200)
+    shutil.copytree(resume_dir, tmp_path / "resume")
+    # The straight run recorded no store identity; any recorded one is other data.
+    assert not make_trainer(tmp_path, {"a": SMALL_RUN}, source_identity=[identity]).try_resume()
+    trainer = make_trainer(tmp_path, {"a": SMALL_RUN}, source_identity=[identity])
+    trainer.save_checkpoint()
+    assert make_trainer(tmp_path, {"a": SMALL_RUN}, source_identity=[dict(identity)]).try_resume()
+    for change in ({"hook": "blocks.0.mlp.hook_pre"}, {"model_id": "native:bb"}, {"keep_mantissa_bits": 4}, {"n_tokens": 3199}):
+        other = {**identity, **change}
+        assert not make_trainer(tmp_path, {"a": SMALL_RUN}, source_identity=[other]).try_resume(), change
+    assert store_identity({"hook": "h", "package_version": "1"}, 5) == store_identity({"hook": "h", "package_version": "2"}, 5)
 
 
 # --- resume after kill -9; 2 processes against 1: through the Snakemake rule's script ----------

@@ -2,6 +2,7 @@
 
 import json
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -155,3 +156,23 @@ def test_smollm2_preset_end_to_end_offline(tmp_path):
     acts = store.open_activations(tmp_path / "results" / "activations" / "eval_000.zarr")
     assert acts.attrs["hook"] == "blocks.3.mlp.hook_post"
     assert acts.attrs["model_id"].startswith("gguf:") and "sha256" in acts.attrs["model_id"]
+
+
+@pytest.mark.parametrize("gpus", [0, 2])
+def test_the_sae_shell_command_survives_a_checkout_path_with_spaces(tmp_path, gpus):
+    checkout = tmp_path / "my checkout (copy)"
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split("\n")
+    for name in filter(None, tracked):
+        if (REPO / name).is_file():
+            (checkout / name).parent.mkdir(parents=True, exist_ok=True)
+            (checkout / name).write_bytes((REPO / name).read_bytes())
+    workdir = tmp_path / "work dir"
+    workdir.mkdir()
+    config = write_config(workdir / "c.yaml", **{"sae.gpus": gpus})
+    cmd = [str(SNAKEMAKE), "results/sae/x2_l1-5/sae.safetensors", "-s", str(checkout / "Snakefile"), "--directory",
+           str(workdir), "--cores", "2", "-n", "-p", "--configfile", str(config)]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=checkout, check=True).stdout
+    line = next(line for line in out.splitlines() if "train_sae.py" in line)
+    argv = shlex.split(line.split(" > ")[0].removeprefix("Shell command: "))
+    assert str(checkout / "workflow" / "scripts" / "train_sae.py") in argv
+    assert Path(argv[0]).name.startswith("python") and (gpus < 2 or argv[1:4] == ["-m", "accelerate.commands.launch", "--multi_gpu"])

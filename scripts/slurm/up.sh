@@ -25,9 +25,17 @@ if [[ $EUID -ne 0 ]]; then
     exit 1
 fi
 
-running() { [[ -s $1 ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
+STATE_MARK=.monoscope-slurm-state  # down.sh removes only a state directory that holds it
 
-if running "$STATE/slurmctld.pid" && running "$STATE/slurmd.pid" \
+# Whether a pidfile still names the daemon: its number may have been reused by another process.
+running() {
+    local pid
+    [[ -s $1 ]] || return 1
+    pid=$(head -c 32 "$1" | tr -d '[:space:]')
+    [[ $pid =~ ^[0-9]+$ ]] && [[ $(cat "/proc/$pid/comm" 2>/dev/null) == "$2" ]]
+}
+
+if running "$STATE/slurmctld.pid" slurmctld && running "$STATE/slurmd.pid" slurmd \
     && [[ $(sinfo -h -N -o %t 2>/dev/null) == idle* || $(sinfo -h -N -o %t 2>/dev/null) == mix* ]]; then
     echo "slurm: already up ($(sinfo -h -N -o '%N %t %G'))"
     exit 0
@@ -38,6 +46,11 @@ if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null || ! comm
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -q
     apt-get install -y -q --no-install-recommends slurmctld slurmd slurm-client munge
+fi
+
+if [[ -L $STATE || ( -e $STATE && ! -d $STATE ) ]] || { [[ -d $STATE && ! -f $STATE/$STATE_MARK ]] && [[ -n $(ls -A -- "$STATE") ]]; }; then
+    echo "scripts/slurm/up.sh: $STATE exists and was not made by this script; set MONOSCOPE_SLURM_STATE to a new path" >&2
+    exit 1
 fi
 
 # A previous run that died half-way leaves PIDs and spool files behind: clear them first.
@@ -51,6 +64,7 @@ for conf in "$CONF_DIR/slurm.conf" "$CONF_DIR/gres.conf"; do
 done
 
 mkdir -p "$STATE/ctld" "$STATE/d" "$STATE/munge" "$CONF_DIR"
+echo "$MARK" > "$STATE/$STATE_MARK"
 HOST=$(hostname -s)
 MEM_MB=${SLURM_NODE_MEM_MB:-$(($(awk '/^MemTotal/ {print $2}' /proc/meminfo) / 1024 * 9 / 10))}
 

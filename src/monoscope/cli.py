@@ -20,8 +20,9 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         config = validate_config(yaml.safe_load(config_path.read_text()) or {})
         server = make_server(config, args.results, args.dictionary, args.port)
-    except (ConfigError, FileNotFoundError, KeyError) as error:
-        print(f"monoscope serve: {error}", file=sys.stderr)
+    except (ConfigError, OSError, KeyError, ValueError) as error:  # one line, not a traceback
+        filename = f": {error.filename}" if getattr(error, "filename", None) else ""
+        print(f"monoscope serve: {getattr(error, 'strerror', None) or error}{filename}", file=sys.stderr)
         return 2
     host, port = server.server_address[:2]
     print(f"monoscope: serving dictionary '{args.dictionary}' on http://{host}:{port}/ (Ctrl-C stops)", flush=True)

@@ -8,6 +8,8 @@ message that names the offending key, before any job starts.
 from __future__ import annotations
 
 import copy
+import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +81,12 @@ def validate_config(config: dict[str, Any]) -> dict[str, Any]:
     """Return a copy of `config` with defaults filled, or raise ConfigError naming every bad key."""
     schema = load_schema()
     config = _parse_cli_strings(copy.deepcopy(dict(config)), schema)
+    non_finite = list(_non_finite_keys(config, ""))
+    if non_finite:
+        # JSON schema's minimum/maximum compare NaN as False and inf as larger than any bound, so
+        # `.nan` would pass `exclusiveMinimum` (and silently disable checks such as max_loss_ratio).
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(
+            f"config key '{key}': {value!r} is not a finite number" for key, value in non_finite))
     validator = _with_defaults(jsonschema.Draft202012Validator)(schema)
     errors = sorted(validator.iter_errors(config), key=lambda e: list(map(str, e.absolute_path)))
     if errors:
@@ -87,6 +95,18 @@ def validate_config(config: dict[str, Any]) -> dict[str, Any]:
     if problems:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
     return _sorted_keys(config)
+
+
+def _non_finite_keys(value: Any, path: str):
+    """(key path, value) of every NaN or infinity anywhere in the config, lists included."""
+    if isinstance(value, float) and not math.isfinite(value):
+        yield path or "<top level>", value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _non_finite_keys(item, f"{path}.{key}" if path else str(key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from _non_finite_keys(item, f"{path}.{index}")
 
 
 def _sorted_keys(value: Any) -> Any:
@@ -99,7 +119,21 @@ def _sorted_keys(value: Any) -> Any:
 
 
 def _cross_key_problems(config: dict[str, Any]):
-    corpus, model = config["corpus"], config["model"]
+    corpus, model, sae = config["corpus"], config["model"], config["sae"]
+    if sae["batch_size"] % sae["loader_streams"]:
+        yield (
+            f"config key 'sae.batch_size': {sae['batch_size']} is not a multiple of "
+            f"sae.loader_streams={sae['loader_streams']} (each stream contributes an equal share of a batch)"
+        )
+    by_name: dict[str, list[float]] = {}
+    for l1 in sae["l1_coefficients"]:
+        by_name.setdefault(sae_name(1, l1), []).append(l1)
+    for values in by_name.values():
+        if len(values) > 1:
+            yield (
+                f"config key 'sae.l1_coefficients': {', '.join(map(repr, values))} give the same SAE name "
+                f"'{sae_name(1, values[0]).split('_', 1)[1]}' (names keep 6 significant digits); one run would be dropped"
+            )
     if corpus["n_eval_shards"] >= corpus["n_shards"]:
         yield (
             f"config key 'corpus.n_eval_shards': {corpus['n_eval_shards']} held-out shards leaves no training "
@@ -125,8 +159,43 @@ def _cross_key_problems(config: dict[str, Any]):
             yield f"config key 'model.native.n_heads': d_model={native['d_model']} is not divisible by {native['n_heads']} heads"
     elif model["source"] == "gguf" and not model["gguf_file"]:
         yield "config key 'model.gguf_file': model.source is 'gguf' but no file is named"
+    yield from _memory_problems(config)
+    key_env = config["autointerp"]["api_key_env"]
+    if key_env and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key_env):
+        # Not echoed: a value that is not a variable name is most likely a pasted key.
+        yield (
+            f"config key 'autointerp.api_key_env': must name an environment variable (letters, digits, '_'), "
+            f"not hold the key itself; the value given ({len(key_env)} characters) is not shown"
+        )
     if model["source"] != "native" and model["name"] == "native-gelu-1l":
         yield f"config key 'model.name': model.source is '{model['source']}' but no model name is given"
+
+
+# Counts that size a buffer held whole in one job are checked against this before any job starts: a
+# typo such as n_units: 10**9 should be a message naming the key, not an out-of-memory kill hours later.
+MAX_BUFFER_GIB = 64
+
+
+def _memory_problems(config: dict[str, Any]):
+    gib = 2**30
+    context = config["tokenizer"]["context"]
+    auto = config["autointerp"]
+    per_unit = auto["n_top"] + auto["n_random"] + auto["quantile_pool"]
+    pools = auto["n_units"] + auto["n_top_density"]
+    pool_bytes = pools * per_unit * context * (4 + 4)  # tokens int32 + activations float32 per record slot
+    if pool_bytes > MAX_BUFFER_GIB * gib:
+        yield (
+            f"config key 'autointerp.n_units': {pools} units x {per_unit} record slots (n_top + n_random + "
+            f"quantile_pool) x {context} tokens hold {pool_bytes / gib:.0f} GiB, over the {MAX_BUFFER_GIB} GiB bound"
+        )
+    if config["model"]["source"] == "native":
+        d_in = config["model"]["native"]["d_mlp"]
+        resample_bytes = config["sae"]["resample_inputs"] * d_in * 4 * 2  # inputs and their losses' reconstructions
+        if resample_bytes > MAX_BUFFER_GIB * gib:
+            yield (
+                f"config key 'sae.resample_inputs': {config['sae']['resample_inputs']} inputs of width {d_in} hold "
+                f"{resample_bytes / gib:.0f} GiB during resampling, over the {MAX_BUFFER_GIB} GiB bound"
+            )
 
 
 def hook_name(config: dict[str, Any]) -> str:

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import random
 import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from monoscope.store import atomic_path
+from monoscope.atomic import atomic_path
+
+log = logging.getLogger(__name__)
 
 
 def stdlib_documents() -> Iterator[tuple[str, str]]:
@@ -27,36 +30,110 @@ def stdlib_documents() -> Iterator[tuple[str, str]]:
             continue
 
 
-def file_documents(patterns: list[str], text_field: str) -> Iterator[tuple[str, str]]:
+class CorpusError(ValueError):
+    """A record of the corpus that cannot be used; the message names the file and line (or row)."""
+
+
+class BadRecords:
+    """What to do with a record that is not usable text: raise (corpus.bad_records: error), or skip it
+    and count it (skip), with the first few places kept for the warning and the manifest."""
+
+    SHOWN = 5
+
+    def __init__(self, policy: str = "error"):
+        if policy not in ("error", "skip"):
+            raise ValueError(f"corpus.bad_records must be 'error' or 'skip', got {policy!r}")
+        self.policy, self.count, self.examples = policy, 0, []
+
+    def __call__(self, message: str) -> None:
+        if self.policy == "error":
+            raise CorpusError(f"{message} (set corpus.bad_records: skip to skip such records, counted)")
+        self.count += 1
+        if len(self.examples) < self.SHOWN:
+            self.examples.append(message)
+
+    def summary(self) -> dict[str, Any]:
+        return {"skipped": self.count, "first_skipped": self.examples}
+
+
+def _text_or_problem(value: Any, where: str, field: str) -> tuple[str | None, str | None]:
+    """(text, None) for usable text, else (None, what is wrong with it)."""
+    if not isinstance(value, str):
+        kind = "null" if value is None else type(value).__name__
+        return None, f"{where}: field '{field}' is {kind}, not a string"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        return None, f"{where}: field '{field}' holds a lone surrogate at character {error.start} (not encodable text)"
+    return value, None
+
+
+def _utf8_lines(path: str) -> Iterator[tuple[int, str | None, str | None]]:
+    """(line number, text or None, problem or None) per line, decoded strictly; streamed."""
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            try:
+                yield line_no, raw.decode("utf-8"), None
+            except UnicodeDecodeError as error:
+                yield line_no, None, f"{path}:{line_no}: not UTF-8 (byte 0x{raw[error.start]:02x} at column {error.start + 1})"
+
+
+def file_documents(patterns: list[str], text_field: str, bad: BadRecords | None = None) -> Iterator[tuple[str, str]]:
+    """(name, text) of every record of the files, streamed; a record that is not text goes to `bad`."""
+    bad = bad or BadRecords()
     paths = sorted({p for pattern in patterns for p in glob.glob(pattern, recursive=True)})
     if not paths:
         raise FileNotFoundError(f"corpus.paths {patterns} match no files")
     for path in paths:
         suffix = Path(path).suffix
         if suffix == ".txt":
-            yield path, Path(path).read_text(encoding="utf-8", errors="replace")
+            raw = Path(path).read_bytes()
+            try:
+                yield path, raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                line = raw.count(b"\n", 0, error.start) + 1
+                bad(f"{path}:{line}: not UTF-8 (byte 0x{raw[error.start]:02x} at offset {error.start})")
         elif suffix == ".jsonl":
-            with open(path, encoding="utf-8") as f:
-                for line_no, line in enumerate(f, 1):
-                    if line.strip():
-                        yield f"{path}:{line_no}", _field(json.loads(line), text_field, f"{path}:{line_no}")
+            for line_no, line, problem in _utf8_lines(path):
+                where = f"{path}:{line_no}"
+                if problem is None and line.strip():
+                    try:
+                        record = json.loads(line)
+                    except ValueError as error:
+                        problem = f"{where}: not JSON ({error})"
+                    else:
+                        if not isinstance(record, dict):
+                            problem = f"{where}: a JSON object expected, got {type(record).__name__}"
+                        elif text_field not in record:
+                            problem = f"{where}: no field '{text_field}' (corpus.text_field); fields are {sorted(record)[:10]}"
+                        else:
+                            text, problem = _text_or_problem(record[text_field], where, text_field)
+                            if problem is None:
+                                yield where, text
+                if problem is not None:
+                    bad(problem)
         elif suffix == ".parquet":
             import pyarrow.parquet as pq
 
-            table = pq.read_table(path, columns=[text_field])
-            for row, text in enumerate(table.column(text_field).to_pylist()):
-                yield f"{path}:{row}", text
+            parquet = pq.ParquetFile(path)
+            if text_field not in parquet.schema_arrow.names:
+                raise CorpusError(f"{path}: no column '{text_field}' (corpus.text_field); columns are {parquet.schema_arrow.names[:10]}")
+            row = 0
+            for batch in parquet.iter_batches(columns=[text_field], batch_size=4096):  # streamed, not read whole
+                for value in batch.column(0).to_pylist():
+                    text, problem = _text_or_problem(value, f"{path}: row {row}", text_field)
+                    if problem is None:
+                        yield f"{path}:{row}", text
+                    else:
+                        bad(problem)
+                    row += 1
         else:
             raise ValueError(f"corpus file {path}: unsupported suffix '{suffix}' (use .txt, .jsonl or .parquet)")
 
 
-def _field(record: dict[str, Any], field: str, where: str) -> str:
-    if field not in record:
-        raise KeyError(f"{where}: no field '{field}' (corpus.text_field); fields are {sorted(record)}")
-    return record[field]
-
-
-def huggingface_documents(name: str, config_name: str | None, split: str, text_field: str) -> Iterator[tuple[str, str]]:
+def huggingface_documents(name: str, config_name: str | None, split: str, text_field: str,
+                          bad: BadRecords | None = None) -> Iterator[tuple[str, str]]:
+    bad = bad or BadRecords()
     try:
         import datasets
     except ImportError as e:
@@ -70,35 +147,52 @@ def huggingface_documents(name: str, config_name: str | None, split: str, text_f
             f"shared cache), set HF_DATASETS_OFFLINE=1 here, or export it to .jsonl and use corpus.source: files."
         ) from e
     for i, record in enumerate(stream):
-        yield f"{name}:{i}", _field(record, text_field, f"{name} row {i}")
+        if text_field not in record:
+            raise CorpusError(f"{name} row {i}: no field '{text_field}' (corpus.text_field); fields are {sorted(record)[:10]}")
+        text, problem = _text_or_problem(record[text_field], f"{name} row {i}", text_field)
+        if problem is None:
+            yield f"{name}:{i}", text
+        else:
+            bad(problem)
 
 
-def documents(corpus: dict[str, Any]) -> Iterator[tuple[str, str]]:
+def documents(corpus: dict[str, Any], bad: BadRecords | None = None) -> Iterator[tuple[str, str]]:
     source = corpus["source"]
     if source == "stdlib":
         return stdlib_documents()
     if source == "files":
-        return file_documents(corpus["paths"], corpus["text_field"])
-    return huggingface_documents(corpus["hf_name"], corpus["hf_config"], corpus["hf_split"], corpus["text_field"])
+        return file_documents(corpus["paths"], corpus["text_field"], bad)
+    return huggingface_documents(corpus["hf_name"], corpus["hf_config"], corpus["hf_split"], corpus["text_field"], bad)
 
 
-def split_into_shards(corpus: dict[str, Any], seed: int) -> list[list[tuple[str, str]]]:
+def split_into_shards(corpus: dict[str, Any], seed: int, bad: BadRecords | None = None) -> list[list[tuple[str, str]]]:
     """Documents shuffled with `seed`, then dealt round-robin into n_shards lists of (name, text).
 
     Round-robin after a shuffle keeps shards similar in size and content mix, so held-out shards
-    are a fair sample of the same distribution.
+    are a fair sample of the same distribution. With max_documents, a seeded reservoir sample keeps
+    only that many documents in memory while the corpus streams past (a uniform sample, as a
+    shuffle followed by a cut is).
     """
-    docs, n_bytes = [], 0
-    for name, text in documents(corpus):
+    bad = bad or BadRecords(corpus["bad_records"])
+    limit = corpus["max_documents"]
+    rng = random.Random(seed)
+    docs, n_bytes, seen = [], 0, 0
+    for name, text in documents(corpus, bad):
         if not text.strip():
             continue
-        docs.append((name, text))
         n_bytes += len(text.encode("utf-8"))
+        seen += 1
+        if limit is None or len(docs) < limit:
+            docs.append((name, text))
+        else:
+            slot = rng.randrange(seen)
+            if slot < limit:
+                docs[slot] = (name, text)
         if corpus["max_bytes"] and n_bytes >= corpus["max_bytes"]:
             break
-    random.Random(seed).shuffle(docs)
-    if corpus["max_documents"]:
-        docs = docs[: corpus["max_documents"]]
+    rng.shuffle(docs)
+    if bad.count:
+        log.warning("corpus: skipped %d bad record(s), first: %s", bad.count, "; ".join(bad.examples))
     n_shards = corpus["n_shards"]
     if len(docs) < n_shards:
         raise ValueError(f"corpus has {len(docs)} documents, fewer than corpus.n_shards={n_shards}")
@@ -112,10 +206,11 @@ def write_corpus(corpus: dict[str, Any], seed: int, out_dir: str | Path, shard_n
     every requested file against every output of a rule, so per-shard outputs make planning
     quadratic in shards. Written beside out_dir and renamed when whole.
     """
-    shards = split_into_shards(corpus, seed)
+    bad = BadRecords(corpus["bad_records"])
+    shards = split_into_shards(corpus, seed, bad)
     if len(shards) != len(shard_names):
         raise ValueError(f"{len(shards)} shards of text for {len(shard_names)} shard names")
-    manifest = {"source": corpus["source"], "seed": seed, "shards": []}
+    manifest = {"source": corpus["source"], "seed": seed, "shards": [], "bad_records": bad.summary()}
     with atomic_path(out_dir) as tmp_dir:
         tmp_dir.mkdir()
         for shard, docs in zip(shard_names, shards, strict=True):

@@ -13,6 +13,7 @@ import torch
 from tqdm import tqdm
 
 from monoscope import models, store
+from monoscope.atomic import atomic_path, write_text
 from monoscope.config import NEURONS, hook_name
 from monoscope.runtime import device
 
@@ -194,8 +195,10 @@ def evaluate_dictionary(
     }
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    table.to_parquet(out / "features.parquet", index=False)
-    stats.save_codes(out / "codes.safetensors", stores[0].context)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    with atomic_path(out / "features.parquet") as tmp:
+        table.to_parquet(tmp, index=False)
+    with atomic_path(out / "codes.safetensors") as tmp:
+        stats.save_codes(tmp, stores[0].context)
+    write_text(out / "metrics.json", json.dumps(metrics, indent=1))
     log(json.dumps(metrics))
     return metrics

@@ -40,7 +40,7 @@ from tqdm import tqdm
 from monoscope import __version__, store
 from monoscope.config import NEURONS, hook_name
 from monoscope.probes import DEFAULT_CONCEPTS, ConceptLabeler, auroc_from_histograms, compile_concepts
-from monoscope.store import atomic_path
+from monoscope.atomic import atomic_path, savefig
 
 NEURON_BASIS_HOOKS = ("mlp.hook_post", "mlp.hook_pre")  # the stored coordinates are the neurons
 RESIDUAL_HOOKS = ("hook_mlp_out", "mlp.hook_out")  # the stored vectors are written to the residual stream
@@ -427,7 +427,7 @@ def plot_rare_features(similarity: dict[str, Any], path: Path) -> None:
     ax.set_title(f"rare features (log10 density < {similarity['threshold_log10_density']:g}) vs the rest")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    savefig(fig, path, dpi=110)
     plt.close(fig)
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -24,6 +26,49 @@ def harvest_shards(
     bridge = models.load_model(config, model_dir)
     model_id = models.model_identity(config, model_dir)
     return [harvest_shard(config, bridge, model_id, token_shard, out_path, log) for token_shard, out_path in shards]
+
+
+class NonFiniteActivations(ValueError):
+    """Activations that would be stored as NaN or inf (or hidden as 0 by mantissa rounding)."""
+
+
+@functools.cache
+def storable_limit(dtype: torch.dtype, keep_mantissa_bits: int | None) -> float:
+    """The largest magnitude that stays finite once stored: the dtype's max, or less when rounding
+    the mantissa to keep_mantissa_bits would carry it into the exponent (65504 rounds to inf)."""
+    np_dtype, int_type = {torch.float16: (np.float16, np.int16), torch.float32: (np.float32, np.int32),
+                          torch.bfloat16: (None, None)}[dtype]
+    if np_dtype is None or keep_mantissa_bits is None:
+        return float(torch.finfo(dtype).max)
+    top = np.frombuffer(np.array([np.finfo(np_dtype).max], np_dtype).tobytes(), int_type)[0]
+    candidates = np.arange(top - 2**16 if np_dtype is np.float32 else top - 2**10, top + 1, dtype=int_type).view(np_dtype)
+    rounded = store.round_mantissa(candidates.copy(), keep_mantissa_bits)
+    return float(candidates[np.isfinite(rounded)].max())
+
+
+def check_storable(rows: torch.Tensor, acts: torch.Tensor, keep_mantissa_bits: int | None, out_path, first_seq: int) -> None:
+    """rows [b*s, d] in the store's dtype, from acts [b, s, d]: every value finite and within
+    storable_limit, checked before the writer rounds them. Rounding turns non-canonical float16
+    NaNs into inf or -0, and values near the dtype's max into inf, so the loader's finiteness check
+    cannot see them afterwards. One pass (aminmax, which propagates NaN) while all is well."""
+    limit = storable_limit(rows.dtype, keep_mantissa_bits)
+    low, high = torch.aminmax(rows)
+    if bool(high <= limit) and bool(low >= -limit):
+        return
+    bad = ~(rows.abs() <= limit)  # NaN compares False: bad too
+    n_bad = int(bad.sum())
+    flat, unit = (int(i) for i in bad.nonzero()[0])
+    context = acts.shape[1]
+    seq, pos = first_seq + flat // context, flat % context
+    original = float(acts[flat // context, pos, unit])
+    why = (f"the model produced {original}" if not np.isfinite(original)
+           else f"{original:.6g} does not fit {str(rows.dtype).removeprefix('torch.')} (at most {limit:.6g} once rounded to "
+                f"{keep_mantissa_bits} mantissa bits); set harvest.dtype: float32" if keep_mantissa_bits
+           else f"{original:.6g} overflows {str(rows.dtype).removeprefix('torch.')}; set harvest.dtype: float32")
+    raise NonFiniteActivations(
+        f"harvest {out_path}: {n_bad} activation(s) would be stored as NaN or inf; the first at sequence {seq}, "
+        f"position {pos}, unit {unit}: {why}"
+    )
 
 
 def harvest_shard(
@@ -59,7 +104,9 @@ def harvest_shard(
             t = time.perf_counter()
             acts = run_to_hook(bridge, batch, hook)  # [b, s, d]
             forward_s += time.perf_counter() - t
-            writer.append(acts.flatten(0, 1).to(store_dtype).cpu().numpy(), consume=True)  # cast on the device: half the copy
+            rows = acts.flatten(0, 1).to(store_dtype)  # [b * s, d]; cast on the device: half the copy
+            check_storable(rows, acts, harvest["keep_mantissa_bits"], out_path, first)
+            writer.append(rows.cpu().numpy(), consume=True)
     total_s = time.perf_counter() - start
     summary = {"shard": Path(out_path).stem, "tokens": int(tokens.size), "d": d, "forward_s": forward_s, "total_s": total_s,
                "store_overhead": (total_s - forward_s) / forward_s}

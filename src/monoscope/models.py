@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from monoscope.runtime import device
+from monoscope.atomic import atomic_path, write_text
 
 WEIGHTS = "model.safetensors"
 CONFIG = "model.json"
@@ -207,9 +208,10 @@ def save_native(bridge, native, d_vocab, context, seed, out_dir, training: dict[
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in bridge.state_dict().items()}
-    save_file(state, str(out / WEIGHTS))
+    with atomic_path(out / WEIGHTS) as tmp:
+        save_file(state, str(tmp))
     spec = {"source": "native", "native": native, "d_vocab": d_vocab, "context": context, "seed": seed}
-    (out / CONFIG).write_text(json.dumps({**spec, "training": training}, indent=1))
+    write_text(out / CONFIG, json.dumps({**spec, "training": training}, indent=1))
 
 
 def load_native(model_dir: str | Path):

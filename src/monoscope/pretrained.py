@@ -22,11 +22,12 @@ import hashlib
 import importlib.util
 import os
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from monoscope.atomic import atomic_path
 
 SOURCES = ("gguf", "hub", "tl_legacy")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -203,11 +204,9 @@ def ensure_dequantised(model_cfg: dict[str, Any], cache_dir: str | Path) -> Path
     # The weights are plain float32 now; without this the saved config would ask to re-read the GGUF.
     del model.config.quantization_config
     model.hf_quantizer = None
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    tmp.rename(target)
+    with atomic_path(target) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     return target
 
 

@@ -17,6 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from monoscope.config import NEURONS  # noqa: E402
+from monoscope.atomic import savefig, write_text  # noqa: E402
 
 COLUMNS = [
     ("name", "dictionary", "{}"),
@@ -72,7 +73,7 @@ def density_histograms(tables: dict[str, pd.DataFrame], bands: dict[str, dict[st
         ax.set_ylabel("features")
     axes[-1, 0].set_xlabel("log10 feature density (fraction of held-out tokens on which it fires)")
     fig.tight_layout()
-    fig.savefig(out_png, dpi=110)
+    savefig(fig, out_png, dpi=110)
     plt.close(fig)
 
 
@@ -91,7 +92,7 @@ def pareto_plot(metrics: list[dict[str, Any]], out_png: Path) -> None:
     ax.legend(title="dictionary")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out_png, dpi=110)
+    savefig(fig, out_png, dpi=110)
     plt.close(fig)
 
 
@@ -117,7 +118,7 @@ def capacity_plot(metrics: list[dict[str, Any]], out_png: Path) -> None:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out_png, dpi=110)
+    savefig(fig, out_png, dpi=110)
     plt.close(fig)
 
 
@@ -142,7 +143,7 @@ def write_report(
     density_histograms(tables, {m["name"]: m["density_bands"] for m in metrics}, live_threshold, out / "density.png")
     pareto_plot(metrics, out / "pareto.png")
     capacity_plot(metrics, out / "capacity.png")
-    (out / "summary.json").write_text(json.dumps(metrics, indent=1))
+    write_text(out / "summary.json", json.dumps(metrics, indent=1))
 
     rows = []
     for m in metrics:
@@ -186,5 +187,5 @@ A dictionary's capacity is its live count.</p>
 </body></html>
 """
     index = out / "index.html"
-    index.write_text(page, encoding="utf-8")
+    write_text(index, page)
     return index

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from monoscope import __version__
+from monoscope.atomic import atomic_path, write_text
 
 ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu")
 WEIGHTS_FILE = "sae.safetensors"
@@ -324,12 +325,9 @@ class SAE(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {name: t.detach().to("cpu", torch.float32).contiguous() for name, t in self.state_dict().items()}
-        tmp = directory / f".{WEIGHTS_FILE}.tmp-{os.getpid()}"
-        save_file(tensors, str(tmp), metadata={"format": "pt", "architecture": self.cfg.architecture})
-        os.replace(tmp, directory / WEIGHTS_FILE)
-        tmp = directory / f".{CONFIG_FILE}.tmp-{os.getpid()}"
-        tmp.write_text(json.dumps(asdict(self.cfg), indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, directory / CONFIG_FILE)
+        with atomic_path(directory / WEIGHTS_FILE) as tmp:
+            save_file(tensors, str(tmp), metadata={"format": "pt", "architecture": self.cfg.architecture})
+        write_text(directory / CONFIG_FILE, json.dumps(asdict(self.cfg), indent=2, sort_keys=True) + "\n")
 
 
 def load_dictionary(path: str | os.PathLike, device: str | torch.device = "cpu") -> SAE:

@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import save_file
 
 from monoscope.sae import load_dictionary
+from monoscope.atomic import atomic_path, write_text
 
 SAELENS_WEIGHTS_FILE = "sae_weights.safetensors"
 SAELENS_CONFIG_FILE = "cfg.json"
@@ -75,8 +76,9 @@ def export_saelens(sae_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Pa
         saelens_cfg["k"] = cfg.k
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.to(torch.float32).contiguous() for k, v in tensors.items()}, str(out / SAELENS_WEIGHTS_FILE))
-    (out / SAELENS_CONFIG_FILE).write_text(json.dumps(saelens_cfg, indent=2) + "\n")
+    with atomic_path(out / SAELENS_WEIGHTS_FILE) as tmp:
+        save_file({k: v.to(torch.float32).contiguous() for k, v in tensors.items()}, str(tmp))
+    write_text(out / SAELENS_CONFIG_FILE, json.dumps(saelens_cfg, indent=2) + "\n")
     return out
 
 

@@ -29,7 +29,7 @@ from monoscope import __version__
 from monoscope.config import NEURONS
 from monoscope.evaluate import density_bands
 from monoscope.features import load_features
-from monoscope.store import atomic_path
+from monoscope.atomic import atomic_path
 
 ASSETS = Path(__file__).parent / "site_assets"
 CHUNK_UNITS = 256  # units per data file: a unit page downloads one chunk

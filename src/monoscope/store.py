@@ -11,7 +11,6 @@ import collections
 import contextlib
 import math
 import os
-import shutil
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from numcodecs import blosc
 from zarr.codecs import BloscCodec
 
 from monoscope import __version__
+from monoscope.atomic import atomic_path
 
 FORMAT_VERSION = 1
 
@@ -89,29 +89,6 @@ def round_mantissa(values: np.ndarray, keep_bits: int) -> np.ndarray:
     return values
 
 
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary sibling of `path`; rename it onto `path` only if the block succeeds."""
-    final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    _remove(tmp)
-    try:
-        yield tmp
-    except BaseException:
-        _remove(tmp)
-        raise
-    _remove(final)
-    os.replace(tmp, final)
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path)
-    elif path.exists():
-        path.unlink()
-
-
 def chunk_tokens_for(d: int, dtype: str, context: int, target_mib: float) -> int:
     """Tokens per chunk: whole sequences, at least `target_mib` MiB (small chunks compress and read badly)."""
     bytes_per_seq = context * d * np.dtype(dtype).itemsize
@@ -127,12 +104,14 @@ def write_token_shard(path: str | os.PathLike, tokens: np.ndarray, attrs: dict[s
         raise ValueError(f"token shard {path}: expected [n_seq, context], got shape {tokens.shape}")
     with atomic_path(path) as tmp:
         group = zarr.open_group(tmp, mode="w")
-        group.create_array("tokens", data=tokens.astype(np.int32), chunks=(min(len(tokens), 1024) or 1, tokens.shape[1]))
+        group.create_array("tokens", data=tokens.astype(np.int32), chunks=(min(len(tokens), 1024) or 1, tokens.shape[1]),
+                           config={"write_empty_chunks": True})  # every chunk on disk: open checks the count
         group.attrs.update({"format_version": FORMAT_VERSION, "package_version": __version__, **attrs})
 
 
 def read_token_shard(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, Any]]:
     group = _open_group(path)
+    check_complete(path, group, ("tokens",))
     return group["tokens"][:], dict(group.attrs)
 
 
@@ -145,7 +124,9 @@ class ActivationStore:
 
     path: Path
     acts: zarr.Array  # [n_tokens, d], chunked along tokens
-    tokens: np.ndarray  # int32 [n_seq, context]; flat token i is tokens[i // context, i % context]
+    # int32 [n_seq, context], read lazily (slices give numpy): a run opens thousands of stores and
+    # most readers need a block at a time; flat token i is tokens[i // context, i % context]
+    tokens: zarr.Array
     attrs: dict[str, Any]
 
     @property
@@ -175,12 +156,31 @@ def _open_group(path: str | os.PathLike) -> zarr.Group:
     return zarr.open_group(path, mode="r")
 
 
+class IncompleteStore(ValueError):
+    """A store with chunks missing (a partial copy, a lost file): Zarr would read them as zeros."""
+
+
+def check_complete(path: str | os.PathLike, group: zarr.Group, arrays: tuple[str, ...]) -> None:
+    """Every chunk of each array is on disk. Writers store every chunk, even all-zero ones
+    (write_empty_chunks), so a missing one is a fault, not a fill value: a partly copied store
+    would otherwise train on zeros."""
+    for name in arrays:
+        array = group[name]
+        present, expected = array.nchunks_initialized, array.nchunks
+        if present != expected:
+            raise IncompleteStore(
+                f"store {path}: array '{name}' has {present} of its {expected} chunks on disk "
+                f"(a partial copy or a lost file); delete the store and rerun to rebuild it"
+            )
+
+
 def open_activations(path: str | os.PathLike) -> ActivationStore:
     group = _open_group(path)
     for name in ("acts", "tokens"):
         if name not in group:
             raise ValueError(f"activation store {path} has no '{name}' array; is it a token shard?")
-    return ActivationStore(Path(path), group["acts"], group["tokens"][:], dict(group.attrs))
+    check_complete(path, group, ("acts", "tokens"))
+    return ActivationStore(Path(path), group["acts"], group["tokens"], dict(group.attrs))
 
 
 class ActivationStoreWriter:
@@ -211,7 +211,8 @@ class ActivationStoreWriter:
         tmp = self._atomic.__enter__()
         n_seq, context = tokens.shape
         group = zarr.open_group(tmp, mode="w")
-        group.create_array("tokens", data=tokens.astype(np.int32), chunks=(min(n_seq, 1024), context))
+        group.create_array("tokens", data=tokens.astype(np.int32), chunks=(min(n_seq, 1024), context),
+                           config={"write_empty_chunks": True})  # every chunk on disk: open checks the count
         dtype = np.dtype(dtype)
         self.acts = group.create_array(
             "acts",
@@ -328,7 +329,8 @@ def write_activation_store(
 def iter_sequence_blocks(store: ActivationStore, seqs_per_block: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yield (tokens [b, context] int32, acts [b, context, d] float32) in order."""
     context = store.context
+    tokens = store.tokens[:]  # this store's only, while it is read (small blocks would decode a chunk each)
     for start in range(0, store.n_seq, seqs_per_block):
         stop = min(start + seqs_per_block, store.n_seq)
         acts = store.acts[start * context : stop * context].astype(np.float32, copy=False)
-        yield store.tokens[start:stop], acts.reshape(stop - start, context, store.d)
+        yield tokens[start:stop], acts.reshape(stop - start, context, store.d)

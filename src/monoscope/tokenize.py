@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from monoscope.atomic import atomic_path
+
 END_OF_TEXT = "<|endoftext|>"
 
 
@@ -35,7 +37,8 @@ def train_bpe(texts: Iterable[str], vocab_size: int):
 
 
 def save_tokenizer(tokenizer, out_dir: str | Path) -> None:
-    tokenizer.save_pretrained(str(out_dir))
+    with atomic_path(out_dir) as tmp:
+        tokenizer.save_pretrained(str(tmp))
 
 
 def load_tokenizer(tokenizer_dir: str | Path):

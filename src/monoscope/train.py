@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from monoscope.atomic import atomic_path, write_text
 from monoscope.sae import SAE, SAEConfig
 
 log = logging.getLogger(__name__)
@@ -163,9 +164,56 @@ class _Progress:
     best_loss: list[float] = field(default_factory=list)
 
 
-def _fingerprint(runs: dict[str, dict[str, Any]], sources: Sequence[str], d_in: int) -> str:
-    blob = json.dumps({"runs": runs, "sources": list(sources), "d_in": d_in}, sort_keys=True, default=str)
+def _fingerprint(runs: dict[str, dict[str, Any]], sources: Sequence[str], d_in: int, source_identity: Sequence[Any]) -> str:
+    """What a checkpoint's weights depend on. The store paths alone are not enough: a rerun after
+    changing model.layer or the hook rewrites the same paths with other activations of the same width."""
+    blob = json.dumps({"runs": runs, "sources": list(sources), "d_in": d_in, "source_identity": list(source_identity)},
+                      sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def store_identity(attrs: dict[str, Any], n_tokens: int) -> dict[str, Any]:
+    """A store's provenance as it bears on its contents: model id, hook, tokenizer, source shard, dtype,
+    codec and rounding, harvest settings; not the package version that wrote it."""
+    return {**{k: v for k, v in attrs.items() if k != "package_version"}, "n_tokens": n_tokens}
+
+
+class CheckpointUnreadable(ValueError):
+    """checkpoint.pt cannot be read back (torn by a disk fault, or not a checkpoint)."""
+
+
+CHECKPOINT_KEYS = ("fingerprint", "progress", "saes", "norm_scales", "optimizer", "since_fired", "fired_interval",
+                   "torch_rng", "generator")
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # noqa: BLE001 - zip, pickle and EOF errors all mean the same here
+        raise CheckpointUnreadable(f"resume checkpoint {path} is unreadable ({type(error).__name__}: {error})") from error
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CheckpointUnreadable(f"resume checkpoint {path} lacks {', '.join(missing)}")
+    return state
+
+
+def read_log_rows(path: Path, upto_step: int | None = None) -> list[dict[str, Any]]:
+    """train_log.jsonl's rows (with step <= upto_step). Reading stops at the first line that is not a
+    whole JSON row, with a warning naming it: a kill or a full disk tears only the last rows written,
+    and those came after the last checkpoint, so the resumed run logs them again."""
+    rows = []
+    with open(path, encoding="utf-8", errors="replace") as file:
+        for number, line in enumerate(file, 1):
+            try:
+                row = json.loads(line)
+                if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+                    raise ValueError("not a log row")
+            except ValueError:
+                log.warning("%s line %d is torn or not a log row; dropping it and every line after it", path, number)
+                break
+            if upto_step is None or row["step"] <= upto_step:
+                rows.append(row)
+    return rows
 
 
 def _close(batches: Iterator[torch.Tensor]) -> None:
@@ -175,11 +223,8 @@ def _close(batches: Iterator[torch.Tensor]) -> None:
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 class Trainer:
@@ -193,6 +238,7 @@ class Trainer:
         resume_dir: str | os.PathLike,
         source_stores: Sequence[str] = (),
         source_attrs: dict[str, Any] | None = None,
+        source_identity: Sequence[dict[str, Any]] = (),
         accelerator=None,
         show_progress: bool = True,
     ):
@@ -218,7 +264,8 @@ class Trainer:
         self.device = self.acc.device
         self.world = self.acc.num_processes
         self.show_progress = show_progress and self.acc.is_main_process
-        self.fingerprint = _fingerprint(runs, self.sources, d_in)
+        self.source_identity = list(source_identity)
+        self.fingerprint = _fingerprint(runs, self.sources, d_in, self.source_identity)
         self.generator = torch.Generator().manual_seed(self.cfg0.seed)  # resampling draws
 
         self.saes = [
@@ -263,6 +310,9 @@ class Trainer:
     def save_checkpoint(self) -> None:
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
+            if self.log_path.exists():  # the rows up to this step must survive whatever the checkpoint survives
+                with open(self.log_path, "rb") as f:
+                    os.fsync(f.fileno())
             state = {
                 "fingerprint": self.fingerprint,
                 "progress": asdict(self.progress),
@@ -282,7 +332,13 @@ class Trainer:
     def try_resume(self) -> bool:
         if not self.checkpoint_path.exists():
             return False
-        state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=False)
+        try:
+            state = load_checkpoint(self.checkpoint_path)
+        except CheckpointUnreadable as error:
+            # Saved by rename after fsync, so this is a disk fault or a foreign file: train from the
+            # start (the next checkpoint replaces it) rather than fail every retry the same way.
+            log.warning("%s; training from step 0", error)
+            return False
         if state["fingerprint"] != self.fingerprint:
             log.warning("ignoring %s: written for other hyper-parameters or data", self.checkpoint_path)
             return False
@@ -298,8 +354,8 @@ class Trainer:
         self.generator.set_state(state["generator"])
         self.progress = _Progress(**state["progress"])
         if self.acc.is_main_process and self.log_path.exists():  # drop rows logged after the checkpoint
-            rows = [line for line in self.log_path.read_text().splitlines() if json.loads(line)["step"] <= self.progress.step]
-            self.log_path.write_text("".join(r + "\n" for r in rows))
+            rows = read_log_rows(self.log_path, upto_step=self.progress.step)
+            write_text(self.log_path, "".join(json.dumps(r) + "\n" for r in rows))
         log.info("resumed from %s at step %d", self.checkpoint_path, self.progress.step)
         return True
 
@@ -535,13 +591,11 @@ class Trainer:
         self.acc.wait_for_everyone()
         if not self.acc.is_main_process:
             return
-        rows = [json.loads(line) for line in self.log_path.read_text().splitlines()] if self.log_path.exists() else []
+        rows = read_log_rows(self.log_path) if self.log_path.exists() else []
         for name, sae in zip(self.names, self.saes):
             directory = Path(out_dirs[name])
             sae.save(directory)
-            tmp = directory / f".{LOG_FILE}.tmp-{os.getpid()}"
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in rows if r["sae"] == name))
-            os.replace(tmp, directory / LOG_FILE)
+            write_text(directory / LOG_FILE, "".join(json.dumps(r) + "\n" for r in rows if r["sae"] == name))
         shutil.rmtree(self.resume_dir, ignore_errors=True)
 
 
@@ -576,6 +630,7 @@ def train_from_stores(
     )
     attrs = loader.stores[0].attrs
     source_attrs = {k: attrs[k] for k in ("model_id", "hook", "dtype", "tokenizer_id") if k in attrs}
+    source_identity = [store_identity(dict(s.attrs), s.n_tokens) for s in loader.stores]
     trainer = Trainer(
         runs,
         loader.d,
@@ -583,6 +638,7 @@ def train_from_stores(
         resume_dir,
         source_stores=[str(p) for p in store_paths],
         source_attrs=source_attrs,
+        source_identity=source_identity,
         accelerator=accelerator,
         show_progress=show_progress,
     )

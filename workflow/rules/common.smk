@@ -1,5 +1,6 @@
 # Validation, derived names and input functions. No rules here.
 import os
+import shlex
 import sys
 
 from monoscope.config import ConfigError, NEURONS, hook_name, sae_runs, shard_batches, shard_names, validate_config
@@ -47,11 +48,13 @@ def autointerp_params():
 
 
 def sae_launcher(wildcards, threads):
-    """plain python, or `accelerate launch` with one process per GPU the job asked for."""
+    """plain python, or `accelerate launch` with one process per GPU the job asked for; shell-quoted
+    word by word (the interpreter's path may hold a space)."""
     gpus = config["sae"].get("gpus", 0)
+    words = [sys.executable]
     if gpus > 1:
-        return f"{sys.executable} -m accelerate.commands.launch --multi_gpu --num_processes {gpus}"
-    return sys.executable
+        words += ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(gpus)]
+    return " ".join(shlex.quote(word) for word in words)
 
 
 # Where Slurm jobs go (docs/cluster.md), read once from the environment; a local run ignores them.

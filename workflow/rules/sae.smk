@@ -35,8 +35,10 @@ if not JOINT_TRAINING:
         conda:
             "../envs/monoscope.yaml"
         shell:
-            "{params.launcher} {params.script} {input.stores} --runs {params.runs_json:q}"
-            " --out-root results/sae --resume-dir {params.resume_dir} --threads {threads} > {log} 2>&1"
+            # launcher is already a quoted word list (sae_launcher); every path is quoted: a checkout
+            # or a results path may hold a space.
+            "{params.launcher} {params.script:q} {input.stores:q} --runs {params.runs_json:q}"
+            " --out-root results/sae --resume-dir {params.resume_dir:q} --threads {threads} > {log:q} 2>&1"
 
 else:
 
@@ -66,5 +68,7 @@ else:
         conda:
             "../envs/monoscope.yaml"
         shell:
-            "{params.launcher} {params.script} {input.stores} --runs {params.runs_json:q}"
-            " --out-root results/sae --resume-dir {params.resume_dir} --threads {threads} > {log} 2>&1"
+            # launcher is already a quoted word list (sae_launcher); every path is quoted: a checkout
+            # or a results path may hold a space.
+            "{params.launcher} {params.script:q} {input.stores:q} --runs {params.runs_json:q}"
+            " --out-root results/sae --resume-dir {params.resume_dir:q} --threads {threads} > {log:q} 2>&1"

@@ -1,11 +1,11 @@
 import json
 from pathlib import Path
 
-from monoscope import pretrained
+from monoscope import atomic, pretrained
 from monoscope.runtime import start_job
 
 start_job(snakemake)
 model_dir = Path(snakemake.output.spec).parent
 pretrained.load_pretrained(snakemake.params.model, model_dir)  # fills the weight cache for later jobs
 spec = {"source": snakemake.params.model["source"], "identity": pretrained.model_identity(snakemake.params.model)}
-Path(snakemake.output.spec).write_text(json.dumps(spec, indent=1))
+atomic.write_text(snakemake.output.spec, json.dumps(spec, indent=1))

@@ -20,7 +20,11 @@ async def explain(client: LLMClient, unit: UnitRecords, strings: Sequence[str], 
                   attempt: int = 0) -> str:
     """One sentence; BadAnswer if the answer is empty or overlong after cleaning."""
     messages = explanation_messages(explanation_pairs(unit, strings))
-    response = await client.chat(messages, max_tokens=max_tokens, **sampling_params(attempt))
+    return await client.chat(messages, parse=parse_explanation, max_tokens=max_tokens, **sampling_params(attempt))
+
+
+def parse_explanation(response: dict) -> str:
+    """The cleaned one-sentence explanation; BadAnswer (and the answer is not cached) otherwise."""
     text = clean_explanation(chat_text(response))
     if not text:
         raise BadAnswer("empty explanation")

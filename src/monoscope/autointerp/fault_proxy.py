@@ -5,8 +5,14 @@ It forwards every request to ``upstream`` and, per request, with seeded probabil
 through the promised ``Content-Length``), or forwards but empties the answer's text (a well-formed
 response with a useless answer). Every request waits ``latency_s`` first. It counts what it saw.
 
-With ``upstream=None`` it answers every forwarded request itself with a fixed one-token chat
-completion: the benchmark uses that to measure the client alone, without the server's compute.
+With ``upstream=None`` it answers every forwarded request itself with a fixed chat completion
+(``stub_content``): the benchmark uses that to measure the client alone, without the server's compute.
+
+``sequence`` scripts the faults instead of drawing them: the n-th request gets ``sequence[n]`` (then
+"ok"). Besides the drawn kinds it offers the hostile ones: "429_inf", "429_date", "429_huge" (a
+Retry-After of inf, a date years away, 1e12 s), "echo_secrets" (a 500 whose text repeats the request's
+Authorization header and Host), "odd_usage" (token counts of 1e400, -3 and "many"), "no_choices" (a
+200 without choices), "null_message" (a choice whose message is null) and "not_json" (a 200 of text).
 
 Run inside a thread with ``FaultProxy(...).start()`` / ``.stop()``, or as a context manager.
 """
@@ -35,11 +41,15 @@ class FaultCounts:
 
 class FaultProxy:
     def __init__(self, upstream: str | None, *, p_429: float = 0.0, p_500: float = 0.0, p_truncate: float = 0.0,
-                 p_empty: float = 0.0, latency_s: float = 0.0, seed: int = 0, host: str = "127.0.0.1"):
+                 p_empty: float = 0.0, latency_s: float = 0.0, seed: int = 0, host: str = "127.0.0.1",
+                 sequence: list[str] | None = None, stub_content: str = "ok"):
         """upstream: server root such as ``http://127.0.0.1:8000`` (paths are forwarded unchanged)."""
         self.upstream = upstream.rstrip("/") if upstream else None
         self.p_429, self.p_500, self.p_truncate, self.p_empty = p_429, p_500, p_truncate, p_empty
         self.latency_s = latency_s
+        self.sequence = list(sequence or [])
+        self.stub_content = stub_content
+        self.served: list[str] = []  # the fault each request got, in order
         self.counts = FaultCounts()
         self._rng = random.Random(seed)
         self._host = host
@@ -87,6 +97,8 @@ class FaultProxy:
         await self._http.aclose()
 
     def _draw(self) -> str:
+        if self.sequence:
+            return self.sequence.pop(0)
         r = self._rng.random()
         for fault, p in (("429", self.p_429), ("500", self.p_500), ("truncate", self.p_truncate),
                          ("empty", self.p_empty)):
@@ -110,6 +122,7 @@ class FaultProxy:
                 self.counts.received += 1
                 self.counts.paths[path] = self.counts.paths.get(path, 0) + 1
                 fault = self._draw()
+                self.served.append(fault)
                 if self.latency_s:
                     await asyncio.sleep(self.latency_s)
                 if fault in ("429", "500"):
@@ -120,10 +133,17 @@ class FaultProxy:
                                  f"Retry-After: 0\r\nContent-Length: {len(payload)}\r\n\r\n".encode() + payload)
                     await writer.drain()
                     continue
+                hostile = _hostile_answer(fault, headers)
+                if hostile is not None:
+                    writer.write(hostile)
+                    await writer.drain()
+                    continue
                 forward_headers = {k: v for k, v in headers.items()
                                    if k in ("content-type", "authorization", "accept")}
                 if self.upstream is None:
-                    response = httpx.Response(200, json=_STUB_COMPLETION)
+                    stub = json.loads(json.dumps(_STUB_COMPLETION))
+                    stub["choices"][0]["message"]["content"] = self.stub_content
+                    response = httpx.Response(200, json=stub)
                 else:
                     response = await self._http.request(method, self.upstream + path, content=body,
                                                         headers=forward_headers)
@@ -146,6 +166,35 @@ class FaultProxy:
             return
         finally:
             writer.close()
+
+
+def _answer(status: int, reason: str, payload: bytes, extra: str = "", content_type: str = "application/json") -> bytes:
+    return (f"HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\n{extra}"
+            f"Content-Length: {len(payload)}\r\n\r\n").encode() + payload
+
+
+def _hostile_answer(fault: str, headers: dict[str, str]) -> bytes | None:
+    error = b'{"error": {"message": "slow down"}}'
+    if fault in ("429_inf", "429_date", "429_huge"):
+        after = {"429_inf": "inf", "429_date": "Fri, 31 Dec 2100 23:59:59 GMT", "429_huge": "1e12"}[fault]
+        return _answer(429, "Too Many Requests", error, f"Retry-After: {after}\r\n")
+    if fault == "echo_secrets":
+        text = f"invalid credentials {headers.get('authorization', '')} for http://{headers.get('host', '')}/v1"
+        return _answer(500, "Internal Server Error", json.dumps({"error": {"message": text}}).encode())
+    if fault in ("odd_usage", "no_choices", "null_message"):
+        body = json.loads(json.dumps(_STUB_COMPLETION))
+        if fault == "odd_usage":
+            payload = json.dumps(body).replace('"prompt_tokens": 1', '"prompt_tokens": 1e400')
+            payload = payload.replace('"completion_tokens": 1', '"completion_tokens": "many"').replace('"total_tokens": 2', '"total_tokens": -3')
+            return _answer(200, "OK", payload.encode())
+        if fault == "no_choices":
+            del body["choices"]
+        else:
+            body["choices"][0]["message"] = None
+        return _answer(200, "OK", json.dumps(body).encode())
+    if fault == "not_json":
+        return _answer(200, "OK", b"<html>gateway</html>", content_type="text/html")
+    return None
 
 
 def _emptied(payload: bytes) -> bytes:

@@ -11,7 +11,6 @@ import csv
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, fields
@@ -21,7 +20,9 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from .client import BudgetExceeded, ClientConfig, LLMClient, RequestFailed
+from monoscope.atomic import atomic_open
+
+from .client import BudgetExceeded, ClientConfig, LLMClient, RequestFailed, job_cache_path
 from .explain import explain
 from .records import UnitRecords, collect_records
 from .score import correlation_scores
@@ -157,7 +158,10 @@ async def _interpret_unit(client, unit: UnitRecords, strings, settings, method) 
             for record in unit.scoring)
     except (BadAnswer, RequestFailed, BudgetExceeded) as error:
         kind = {BadAnswer: "bad_answer", RequestFailed: "request_failed", BudgetExceeded: "budget"}[type(error)]
-        return result | {"status": f"failed_{kind}", "reason": f"{stage}: {error}"}
+        return result | {"status": f"failed_{kind}", "reason": client.redact(f"{stage}: {error}")}
+    except Exception as error:  # noqa: BLE001 - an odd answer (KeyError, OverflowError...) fails its unit, not the dictionary
+        log.warning("unit %d failed at %s: %s", unit.unit, stage, client.redact(repr(error)))
+        return result | {"status": "failed_error", "reason": client.redact(f"{stage}: {type(error).__name__}: {error}")[:300]}
     for record, simulation in zip(unit.scoring, simulations):
         result["simulations"].append({
             "kind": record.kind, "sequence": record.sequence, "start": record.start,
@@ -171,8 +175,8 @@ async def _interpret_unit(client, unit: UnitRecords, strings, settings, method) 
     return result | scores | {"status": status, "reason": "" if status == "ok" else "true activations are constant"}
 
 
-async def _run(units, strings, settings: AutointerpSettings) -> tuple[list[dict], dict]:
-    async with LLMClient(settings.client_config(), settings.cache_path, rng_seed=settings.seed) as client:
+async def _run(units, strings, settings: AutointerpSettings, cache_path: str | Path | None = None) -> tuple[list[dict], dict]:
+    async with LLMClient(settings.client_config(), cache_path or settings.cache_path, rng_seed=settings.seed) as client:
         notes: dict[str, str] = {}
         method = settings.simulation_method
         if method == "auto":
@@ -225,7 +229,8 @@ def run_dictionary(activation_paths: Sequence[str | Path], name: str, sae_dir: s
                               n_quantile=settings.n_quantile, n_explain=settings.n_explain,
                               record_len=settings.record_len, seed=settings.seed,
                               quantile_pool=settings.quantile_pool)
-    results, usage = asyncio.run(_run(records, token_strings(tokenizer_dir), settings))
+    cache_path = job_cache_path(settings.cache_path, name)  # one writer per cache file (see client)
+    results, usage = asyncio.run(_run(records, token_strings(tokenizer_dir), settings, cache_path))
     usage |= {"dictionary": name, "units": len(units), "elapsed_s": round(time.monotonic() - started, 3)}
     write_results(results, usage, out_dir)
     return usage
@@ -234,13 +239,13 @@ def run_dictionary(activation_paths: Sequence[str | Path], name: str, sae_dir: s
 def write_results(results: Sequence[dict], usage: dict, out_dir: str | Path) -> None:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    with _atomic(out / "explanations.jsonl") as f:
+    with atomic_open(out / "explanations.jsonl", newline="") as f:
         for r in results:
             f.write(json.dumps({k: r.get(k) for k in ("unit", "status", "explanation", "reason", "max_act")}) + "\n")
-    with _atomic(out / "simulations.jsonl") as f:
+    with atomic_open(out / "simulations.jsonl", newline="") as f:
         for r in results:
             f.write(json.dumps({"unit": r["unit"], "explanation": r["explanation"], "records": r["simulations"]}) + "\n")
-    with _atomic(out / "scores.csv") as f:
+    with atomic_open(out / "scores.csv", newline="") as f:
         writer = csv.DictWriter(f, SCORE_COLUMNS)
         writer.writeheader()
         for r in results:
@@ -249,26 +254,8 @@ def write_results(results: Sequence[dict], usage: dict, out_dir: str | Path) -> 
             writer.writerow({"unit": r["unit"], "status": r["status"], "spearman": r.get("spearman", math.nan),
                              "pearson": r.get("pearson", math.nan), "n_tokens": n_tokens, "unparsed": unparsed,
                              "explanation": r["explanation"] or "", "reason": r.get("reason", "")})
-    with _atomic(out / "usage.json") as f:
+    with atomic_open(out / "usage.json", newline="") as f:
         f.write(json.dumps(usage, indent=2, sort_keys=True) + "\n")
-
-
-class _atomic:
-    """Open ``path``'s temporary sibling for writing; rename it into place only if the block succeeds."""
-
-    def __init__(self, path: Path):
-        self.path, self.tmp = path, path.with_name(path.name + ".tmp")
-
-    def __enter__(self):
-        self.file = open(self.tmp, "w", newline="", encoding="utf-8")
-        return self.file
-
-    def __exit__(self, exc_type, exc, tb):
-        self.file.close()
-        if exc_type is None:
-            os.replace(self.tmp, self.path)
-        else:
-            self.tmp.unlink(missing_ok=True)
 
 
 def read_scores(path: str | Path) -> list[dict[str, Any]]:
@@ -309,6 +296,6 @@ def run_comparison(result_dirs: dict[str, str | Path], out_json: str | Path, out
     summary["human_ratings"] = ingest_ratings(settings.ratings_dir, Path(ratings_out_dir) / "ratings_key.csv")
     summary["usage"] = {name: json.loads((Path(d) / "usage.json").read_text()) for name, d in result_dirs.items()}
     plot_comparison(summary["scores"], out_png)
-    with _atomic(Path(out_json)) as f:
+    with atomic_open(Path(out_json), newline="") as f:
         f.write(json.dumps(summary, indent=2, sort_keys=True, allow_nan=True) + "\n")
     return summary

@@ -9,18 +9,30 @@ Rubric (from the seed, 1 = not at all … 5 = completely), one row per explained
 
 The sheet is blind: items are shuffled (seeded) and carry an opaque id; ``ratings_key.csv`` beside it
 maps ids to (dictionary, unit) and is what ingestion joins on, so raters cannot tell features from
-neurons.
+neurons. The id is a digest of (seed, dictionary, unit, explanation), so it is the same in every run
+that rates the same explanation, and a sheet filled for an earlier explanation of a unit (or for
+another unit) matches no id of the new key: it is counted as stale, never attributed to whichever
+unit now sits at its position.
+
+Cells a spreadsheet would run as a formula (starting with =, +, -, @, tab or CR) are written with a
+leading apostrophe; sheets saved by Excel with a byte-order mark are read as plain UTF-8.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import html
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+
+from monoscope.atomic import atomic_open, write_text
+
+log = logging.getLogger(__name__)
 
 RUBRIC = {
     "confidence": "How confident are you that the explanation describes this unit?",
@@ -41,16 +53,33 @@ def export_sheet(items: Sequence[Mapping], out_dir: str | Path, seed: int = 0) -
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     order = np.random.default_rng(seed).permutation(len(items))
-    rows = [{"item": f"item-{i:04d}", **items[j]} for i, j in enumerate(order)]
-    with open(out / "ratings_key.csv", "w", newline="", encoding="utf-8") as f:
+    rows = [{"item": item_id(seed, items[j]), **items[j]} for j in order]
+    if len({r["item"] for r in rows}) != len(rows):
+        raise ValueError("two rating items share a dictionary, unit and explanation")
+    with atomic_open(out / "ratings_key.csv", newline="") as f:
         writer = csv.DictWriter(f, ["item", "dictionary", "unit"])
         writer.writeheader()
         writer.writerows({k: r[k] for k in ("item", "dictionary", "unit")} for r in rows)
-    with open(out / "rating_sheet.csv", "w", newline="", encoding="utf-8") as f:
+    with atomic_open(out / "rating_sheet.csv", newline="") as f:
         writer = csv.DictWriter(f, SHEET_COLUMNS)
         writer.writeheader()
-        writer.writerows({"item": r["item"], "explanation": r["explanation"], "examples": r["examples"]} for r in rows)
-    (out / "rating_sheet.html").write_text(_html_form(rows), encoding="utf-8")
+        writer.writerows({"item": r["item"], "explanation": spreadsheet_safe(r["explanation"]),
+                          "examples": spreadsheet_safe(r["examples"])} for r in rows)
+    write_text(out / "rating_sheet.html", _html_form(rows))
+
+
+def item_id(seed: int, item: Mapping) -> str:
+    """Opaque, and the same in every run for the same (dictionary, unit, explanation)."""
+    text = f"{seed}\0{item['dictionary']}\0{item['unit']}\0{item['explanation']}"
+    return "item-" + hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
+
+
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(text: str) -> str:
+    """A cell a spreadsheet shows as text: one starting like a formula gets a leading apostrophe."""
+    return "'" + text if text.startswith(FORMULA_STARTS) else text
 
 
 def _html_form(rows: Sequence[Mapping]) -> str:
@@ -91,20 +120,30 @@ function download() {{
 def ingest_ratings(filled_dir: str | Path, key_path: str | Path) -> dict:
     """Mean of each rubric item per dictionary over every ``*.csv`` in ``filled_dir`` (blank cells skipped).
 
-    Raises ValueError naming the file and row when a value is outside 1..5 or an item is not in the key.
+    Raises ValueError naming the file and row when a value is outside 1..5 or a sheet has no item
+    column. Rows whose item is not in the key (rated for an earlier explanation) are counted as
+    stale per sheet and left out.
     """
     key = {}
-    with open(key_path, newline="", encoding="utf-8") as f:
+    with open(key_path, newline="", encoding="utf-8-sig") as f:
         for row in csv.DictReader(f):
             key[row["item"]] = (row["dictionary"], int(row["unit"]))
     per_dictionary: dict[str, dict[str, list[float]]] = {}
     files = sorted(Path(filled_dir).glob("*.csv")) if Path(filled_dir).is_dir() else []
+    stale: dict[str, int] = {}
     for path in files:
-        with open(path, newline="", encoding="utf-8") as f:
-            for line, row in enumerate(csv.DictReader(f), start=2):
-                if row.get("item") not in key:
-                    raise ValueError(f"{path}:{line}: item {row.get('item')!r} is not in {key_path}")
-                dictionary, _ = key[row["item"]]
+        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: Excel's byte-order mark
+            reader = csv.DictReader(f)
+            reader.fieldnames = [(name or "").strip().lower() for name in reader.fieldnames or []]
+            if "item" not in reader.fieldnames:
+                raise ValueError(f"{path}:1: no 'item' column (columns: {reader.fieldnames[:8]})")
+            for line, raw in enumerate(reader, start=2):
+                row = {k: v for k, v in raw.items() if k is not None}
+                item = (row.get("item") or "").strip()
+                if item not in key:
+                    stale[path.name] = stale.get(path.name, 0) + 1
+                    continue
+                dictionary, _ = key[item]
                 for name in RUBRIC:
                     value = (row.get(name) or "").strip()
                     if not value:
@@ -112,7 +151,9 @@ def ingest_ratings(filled_dir: str | Path, key_path: str | Path) -> dict:
                     if value not in {str(v) for v in SCALE}:
                         raise ValueError(f"{path}:{line}: {name} must be an integer 1..5, got {value!r}")
                     per_dictionary.setdefault(dictionary, {}).setdefault(name, []).append(float(value))
-    summary = {"sheets": [p.name for p in files], "dictionaries": {}}
+    if stale:
+        log.warning("ratings: rows for items not in %s (rated for earlier explanations) left out: %s", key_path, stale)
+    summary = {"sheets": [p.name for p in files], "stale_rows": stale, "dictionaries": {}}
     for dictionary, ratings in sorted(per_dictionary.items()):
         summary["dictionaries"][dictionary] = {
             name: {"mean": float(np.mean(v)) if v else math.nan, "n": len(v)}

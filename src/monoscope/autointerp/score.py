@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
+from monoscope.atomic import savefig
+
 
 def correlation_scores(predicted: Sequence[Sequence[float]], true: Sequence[Sequence[float]]) -> dict[str, float]:
     """Spearman (as the seed reports) and Pearson (as Bills et al.) over all scoring tokens concatenated.
@@ -96,5 +98,5 @@ def plot_comparison(summary: Mapping[str, Mapping], path: str | Path, metric: st
     ax.axhline(0, color="grey", linewidth=0.8)
     ax.set_title("Automated interpretability: features vs neurons (95% bootstrap CI)")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    savefig(fig, path, dpi=120)
     plt.close(fig)

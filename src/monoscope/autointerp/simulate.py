@@ -95,25 +95,31 @@ async def simulate_record(client: LLMClient, method: str, explanation: str, toke
     """Predict one record's activations (0..10 scale). Raises BadAnswer, RequestFailed or BudgetExceeded."""
     if method in ("echo", "prompt_logprobs"):
         prompt, offsets = all_at_once_prompt(explanation, tokens)
-        response = await client.request("completions", _prompt_request(method, prompt, top_logprobs))
-        logprobs, distributions = _prompt_distributions(_completion_choice(response), method)
-        positions = _positions(logprobs, offsets)
-        if max(positions) >= len(distributions):
-            raise BadAnswer("fewer prompt logprobs than prompt tokens")
-        return _from_distributions([distributions[p] or {} for p in positions])
+        def parse(response: dict) -> Simulation:
+            logprobs, distributions = _prompt_distributions(_completion_choice(response), method)
+            positions = _positions(logprobs, offsets)
+            if max(positions) >= len(distributions):
+                raise BadAnswer("fewer prompt logprobs than prompt tokens")
+            return _from_distributions([distributions[p] or {} for p in positions])
+
+        return await client.request("completions", _prompt_request(method, prompt, top_logprobs), parse)
     if method == "json":
         params = {"max_tokens": 8 + 4 * len(tokens)} | sampling_params(attempt)
-        response = await client.chat(json_messages(explanation, tokens), **params)
-        return Simulation(parse_json_list(chat_text(response), len(tokens)), unparsed=0)
+        return await client.chat(json_messages(explanation, tokens),
+                                 parse=lambda response: Simulation(parse_json_list(chat_text(response), len(tokens)), unparsed=0),
+                                 **params)
     if method == "next_token":
-        distributions = []
-        for position in range(len(tokens)):
-            response = await client.chat(next_token_messages(explanation, tokens, position), max_tokens=1,
-                                         logprobs=True, top_logprobs=min(top_logprobs, 20), **sampling_params(attempt))
+        def parse(response: dict) -> dict[str, float]:
             content = (_completion_choice(response).get("logprobs") or {}).get("content") or []
             if not content:
                 raise BadAnswer("chat response carries no logprobs: the endpoint does not offer top_logprobs")
-            distributions.append({t["token"]: t["logprob"] for t in content[0].get("top_logprobs") or []})
+            return {t["token"]: t["logprob"] for t in content[0].get("top_logprobs") or []}
+
+        distributions = []
+        for position in range(len(tokens)):
+            distributions.append(await client.chat(next_token_messages(explanation, tokens, position), parse=parse,
+                                                   max_tokens=1, logprobs=True, top_logprobs=min(top_logprobs, 20),
+                                                   **sampling_params(attempt)))
         return _from_distributions(distributions)
     raise ValueError(f"unknown simulation method {method!r}; expected one of {METHODS[1:]}")
 
