@@ -31,10 +31,6 @@ class LMWeights:
     final_norm: str  # "layernorm" (centres, then scales), "rmsnorm" (scales) or "none"
     final_norm_scale: torch.Tensor | None  # [d_model], the norm's effective per-dimension gain
 
-    @property
-    def d_mlp(self) -> int:
-        return self.w_out.shape[0]
-
     def residual_direction(self, neuron_directions: torch.Tensor) -> torch.Tensor:
         """[n, d_mlp] directions in neuron space -> [n, d_model] what they add to the residual stream,
         up to the per-token division of a post-MLP norm."""
