@@ -69,9 +69,9 @@ def main() -> None:
         subprocess.run(cmd, check=True, cwd=ROOT)
         print(f"pipeline_s {time.perf_counter() - start:.0f}")
     results = args.workdir / "results"
-    for bench in sorted((results / "benchmarks").glob("*.tsv")):
+    for bench in sorted((results / "benchmarks").rglob("*.tsv")):
         seconds = pd.read_csv(bench, sep="\t")["s"].sum()
-        print(f"job {bench.stem} {seconds:.0f} s")
+        print(f"job {bench.relative_to(results / 'benchmarks').with_suffix('')} {seconds:.0f} s")
 
     neurons = json.loads((results / "features" / "neurons" / "summary.json").read_text())["concepts"]
     print("dictionary reconstruction_score l0 live_fraction dead_fraction fvu")
