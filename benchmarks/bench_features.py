@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from monoscope import features, models, sae, site, store, tokenize
+from monoscope import features, lm_weights, models, sae, site, store, tokenize
 from monoscope.probes import ConceptLabeler, compile_concepts
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -133,9 +133,9 @@ def main() -> None:
         name = f"x{args.expansions[-1]}"
         native = {"d_model": 128, "d_mlp": D_MLP, "n_heads": 4, "n_layers": 1, "act_fn": "gelu"}
         bridge = models.boot_native(native, len(strings), CONTEXT, 0).eval()
-        state = {k: v.detach() for k, v in bridge.state_dict().items()}
+        lm = lm_weights.read_weights(bridge, 0, n_vocab=len(strings))
         start = time.perf_counter()
-        result = features.analyse(name, dictionary, [activation_store], settings, upper, labeler, bridge, state,
+        result = features.analyse(name, dictionary, [activation_store], settings, upper, labeler, bridge, lm,
                                   "blocks.0.mlp.hook_post")
         features.write_outputs(result, tmp / "features" / name, provenance={"name": name})
         print(f"analyse_dictionary_{name}_s {time.perf_counter() - start:.1f} timings={result['summary']['timings']}")

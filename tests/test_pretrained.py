@@ -181,6 +181,14 @@ def test_presets_are_valid_configs(preset):
 
 
 @pytest.mark.parametrize("preset", PRESETS)
+def test_preset_l1_coefficients_are_on_monoscopes_per_token_scale(preset):
+    """A coefficient copied from a batch-summed L1 (3e-4) is ~10^4 too small here: the SAE would stay dense.
+    The default config's 1-layer model needs 3.75; every preset must lie within about a decade of it (0.3-40)."""
+    sae = validate_config(yaml.safe_load((ROOT / "config" / f"{preset}.yaml").read_text()))["sae"]
+    assert sae["architecture"] == "relu" and all(0.3 <= l1 <= 40 for l1 in sae["l1_coefficients"]), sae["l1_coefficients"]
+
+
+@pytest.mark.parametrize("preset", PRESETS)
 def test_preset_dry_run_plans_a_pretrained_pipeline(preset, tmp_path):
     snakemake = Path(sys.executable).with_name("snakemake")
     result = subprocess.run(

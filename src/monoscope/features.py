@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from monoscope import __version__, store
 from monoscope.config import NEURONS, hook_name
+from monoscope.lm_weights import LMWeights, read_weights
 from monoscope.probes import DEFAULT_CONCEPTS, ConceptLabeler, auroc_from_histograms, compile_concepts
 from monoscope.atomic import atomic_path, savefig
 
@@ -320,34 +321,27 @@ def unit_directions(dictionary, device: str = "cpu", chunk: int = 4096) -> torch
     return torch.cat(rows)
 
 
-def residual_directions(directions: torch.Tensor, state: dict[str, torch.Tensor], hook: str) -> tuple[torch.Tensor | None, str]:
+def residual_directions(directions: torch.Tensor, lm: LMWeights, hook: str) -> tuple[torch.Tensor | None, str]:
     """Unit directions in the residual stream, and a note on how; None when the hook has no direct path."""
-    layer = hook.split(".")[1]
-    w_out = state.get(f"blocks.{layer}.mlp.out.weight")  # [d_model, d_mlp]
-    if hook.endswith(NEURON_BASIS_HOOKS[0]) and w_out is not None:
-        return directions @ w_out.T.float(), "through W_out"
+    if hook.endswith(NEURON_BASIS_HOOKS[0]):
+        return lm.residual_direction(directions), "through W_out"
     if hook.endswith(RESIDUAL_HOOKS):
         return directions, "written to the residual stream directly"
     return None, f"hook '{hook}' has no direct path to the logits (only mlp.hook_post and MLP outputs have one)"
 
 
 @torch.no_grad()
-def logit_weights(resid: torch.Tensor, state: dict[str, torch.Tensor], n_tokens: int, chunk: int = 2048):
-    """Top and bottom tokens of each direction's direct logit effect.
+def logit_weights(resid: torch.Tensor, lm: LMWeights, n_tokens: int, chunk: int = 2048):
+    """Top and bottom tokens of each direction's direct logit effect, over the tokenizer's ids.
 
-    The final LayerNorm is folded in as its centring and its weight; its division by the residual norm
-    depends on the token, so magnitudes are relative. Returns (top_ids, top_values, bottom_ids, bottom_values), [d_sae, n].
+    The final norm is folded in as its centring (LayerNorm only; RMSNorm does not centre) and its
+    gain; its division by the residual norm depends on the token, so magnitudes are relative.
+    Returns (top_ids, top_values, bottom_ids, bottom_values), [d_sae, n].
     """
-    w_u = state["unembed.weight"].float()  # [d_vocab, d_model]
-    ln_weight = state.get("ln_final.weight")
-    n = min(n_tokens, w_u.shape[0])
+    n = min(n_tokens, lm.w_u.shape[1])
     top_ids, top_values, bottom_ids, bottom_values = [], [], [], []
     for start in range(0, len(resid), chunk):
-        r = resid[start : start + chunk]
-        r = r - r.mean(-1, keepdim=True)
-        if ln_weight is not None:
-            r = r * ln_weight.float()
-        logits = r @ w_u.T  # [chunk, d_vocab]
+        logits = lm.final_norm_direction(resid[start : start + chunk]) @ lm.w_u  # [chunk, n_vocab]
         top = logits.topk(n, dim=-1)
         bottom = logits.topk(n, dim=-1, largest=False)
         top_ids.append(top.indices), top_values.append(top.values)
@@ -355,13 +349,12 @@ def logit_weights(resid: torch.Tensor, state: dict[str, torch.Tensor], n_tokens:
     return tuple(torch.cat(x).numpy() for x in (top_ids, top_values, bottom_ids, bottom_values))
 
 
-def neuron_in_out_cosine(state: dict[str, torch.Tensor], hook: str) -> np.ndarray | None:
-    """cos(w_in[i], w_out[i]) per neuron: > 0 boosts its own input direction, < 0 erases it (memory management)."""
-    layer = hook.split(".")[1]
-    w_in, w_out = state.get(f"blocks.{layer}.mlp.in.weight"), state.get(f"blocks.{layer}.mlp.out.weight")
-    if w_in is None or w_out is None or not hook.endswith(NEURON_BASIS_HOOKS):
+def neuron_in_out_cosine(lm: LMWeights, hook: str) -> np.ndarray | None:
+    """cos(w_in[:, i], w_out[i]) per neuron [d_mlp]: > 0 boosts its own input direction, < 0 erases it
+    (memory management). Gated MLPs: w_in is the up projection."""
+    if not hook.endswith(NEURON_BASIS_HOOKS):
         return None
-    return F.cosine_similarity(w_in.float(), w_out.T.float(), dim=-1).numpy()  # [d_mlp]
+    return F.cosine_similarity(lm.w_in.T, lm.w_out, dim=-1).numpy()
 
 
 def neighbours(directions: torch.Tensor, n: int) -> dict[str, np.ndarray]:
@@ -472,14 +465,15 @@ def analyse_dictionary(config: dict[str, Any], name: str, sae_dir: str | Path | 
     device = pick_device()
     stores = [store.open_activations(p) for p in eval_stores]
     dictionary = evaluate.load_dictionary(name, sae_dir, stores[0].d).to(device)
-    labeler = ConceptLabeler(compile_concepts(settings.concepts), tokenize.token_strings(tokenizer_dir))
+    strings = tokenize.token_strings(tokenizer_dir)
+    labeler = ConceptLabeler(compile_concepts(settings.concepts), strings)
     bridge = models.load_model(config, model_dir)
-    state = {k: v.detach().cpu() for k, v in bridge.state_dict().items()}
+    lm = read_weights(bridge, int(hook.split(".")[1]), n_vocab=len(strings))
     upper = torch.from_numpy(pd.read_parquet(eval_features)["max_activation"].to_numpy(np.float32, copy=True))
     if len(upper) != dictionary.d_sae:
         raise ValueError(f"{eval_features} has {len(upper)} units but dictionary '{name}' has {dictionary.d_sae}")
     codes = Codes(eval_codes) if eval_codes is not None else None
-    result = analyse(name, dictionary, stores, settings, upper, labeler, bridge, state, hook, device, codes)
+    result = analyse(name, dictionary, stores, settings, upper, labeler, bridge, lm, hook, device, codes)
     write_outputs(result, out_dir, provenance={
         "name": name, "hook": hook, "eval_stores": [str(p) for p in eval_stores], "sae_dir": str(sae_dir) if sae_dir else None,
         "package_version": __version__, "store_attrs": stores[0].attrs,
@@ -488,7 +482,7 @@ def analyse_dictionary(config: dict[str, Any], name: str, sae_dir: str | Path | 
     return result["summary"]
 
 
-def analyse(name, dictionary, stores, settings: FeatureSettings, upper, labeler, bridge, state, hook, device="cpu", codes=None):
+def analyse(name, dictionary, stores, settings: FeatureSettings, upper, labeler, bridge, lm: LMWeights, hook, device="cpu", codes=None):
     """The analyses, in memory: {"units": DataFrame, "examples": {..}, "weights": {..}, "summary": {..}, "rare": {..}|None}."""
     timings = {}
     start = time.perf_counter()
@@ -520,16 +514,16 @@ def analyse(name, dictionary, stores, settings: FeatureSettings, upper, labeler,
 
     start = time.perf_counter()
     directions = unit_directions(dictionary, device)  # [d_sae, d_in]
-    resid, logit_note = residual_directions(directions, state, hook)
+    resid, logit_note = residual_directions(directions, lm, hook)
     weights: dict[str, np.ndarray] = {}
-    if resid is not None and "unembed.weight" in state:
-        top_ids, top_values, bottom_ids, bottom_values = logit_weights(resid, state, settings.logit_tokens)
+    if resid is not None:
+        top_ids, top_values, bottom_ids, bottom_values = logit_weights(resid, lm, settings.logit_tokens)
         weights.update(logit_top_ids=top_ids, logit_top_values=top_values, logit_bottom_ids=bottom_ids, logit_bottom_values=bottom_values)
-        n_layers = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
-        if int(hook.split(".")[1]) < n_layers - 1:
+        logit_note += f", {lm.final_norm} final norm folded in"
+        if lm.layer < lm.n_layers - 1:
             logit_note += "; approximate: later layers also read this direction"
     if name == NEURONS:
-        cosine = neuron_in_out_cosine(state, hook)
+        cosine = neuron_in_out_cosine(lm, hook)
         if cosine is not None:
             units["cos_in_out"] = cosine
     elif hook.endswith(NEURON_BASIS_HOOKS):
