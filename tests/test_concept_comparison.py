@@ -128,3 +128,26 @@ def test_specificity_of_a_unit_that_fires_only_on_its_concept():
     positives = report.labels[:, 1]
     fired = report.columns([0])[:, 0]
     assert spec[0.5]["recall"][0] == pytest.approx(float((fired[positives] > 0.5 * float(selection.max()[0])).float().mean()))
+
+
+def test_the_report_sentence_counts_what_the_summaries_say():
+    from monoscope import report
+
+    def summary(aurocs: dict[str, tuple[float, float]]) -> dict:
+        width = 0.01
+        concepts = {c: {"positive_fraction": 0.1, "sparse_probe": {
+            k: {"auroc": a, "ci_low": a - width, "ci_high": a + width} for k, a in zip(("1", "16"), values)}}
+            for c, values in aurocs.items()}
+        spec = {"0.5": {"units_counted": 10, "units_at_least_90_percent": 3}}
+        return {"d_sae": 8, "concepts": concepts, "settings": {"probe_k": [1, 4, 16], "specificity_min_tokens": 10},
+                "held_out": {"selection_seqs": 5, "report_seqs": 5, "report_tokens": 50, "specificity": spec}}
+
+    neurons = summary({"a": (0.90, 0.95), "b": (0.70, 0.80), "c": (0.60, 0.99)})
+    x8 = summary({"a": (0.80, 0.96), "b": (0.705, 0.90), "c": (0.95, 0.98)})
+    sentence = report.comparison_sentence("x8", neurons, x8, ["1", "16"])
+    assert sentence == ("x8: features beat neurons on 2 of 3 concepts at k = 1 (1 with the 95 % intervals apart; neurons "
+                        "ahead with the intervals apart on 1), and on 2 of 3 concepts at k = 16 (1 with the 95 % intervals "
+                        "apart; neurons ahead with the intervals apart on 0).")
+    html_text = report.concept_section({"neurons": neurons, "x8": x8})
+    assert sentence in html_text and "0.705 <span" in html_text and "3 / 10" in html_text
+    assert report.concept_section({"x8": x8}) == ""  # nothing to compare with

@@ -3,6 +3,7 @@ rule report:
         metrics=expand("results/eval/{name}/metrics.json", name=DICTIONARIES),
         sae_cfgs=expand("results/sae/{name}/cfg.json", name=SAE_NAMES),
         model="results/model/model.json",
+        feature_summaries=expand("results/features/{name}/summary.json", name=DICTIONARIES),
     output:
         index="results/report/index.html",
         summary="results/report/summary.json",
