@@ -1,0 +1,142 @@
+"""Held-out features-versus-neurons comparison on a finished default run: its cost and its numbers.
+
+    python benchmarks/bench_concept_comparison.py [--results results] [--repeats 3] [--time x8_l1-3.75] [--out DIR]
+
+Reads the run's held-out activation stores, SAEs, evaluation maxima and codes (nothing is written there).
+For the dictionary named by --time (default: the largest SAE) it times the features pass as the features
+job runs it, interleaved --repeats times:
+    pass_without_probe_s   the pass with the probe sample's bookkeeping switched off (the pass before issue 16)
+    pass_with_probe_s      the pass keeping the probe sample's exact activations
+    comparison_s           monoscope.features.held_out_comparison on that sample (split, AUROC, probes, specificity)
+    added_s                median(with) - median(without) + median(comparison) (target <= 60 s for the 8x SAE)
+Then, for the neurons and every SAE, the held-out table (k-sparse probe AUROC at k = 1 and the largest k, with
+95 % bootstrap intervals), the single-unit AUROCs (binned on all tokens, as before, against exact and held out),
+the report's sentence per dictionary and the specificity counts. --out keeps each dictionary's summary JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import pandas as pd
+import torch
+
+from monoscope import concept_comparison, evaluate, features, report, store, tokenize
+from monoscope.config import NEURONS
+from monoscope.probes import ConceptLabeler, compile_concepts
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load(results: Path, name: str, stores):
+    sae_dir = None if name == NEURONS else results / "sae" / name
+    dictionary = evaluate.load_dictionary(name, sae_dir, stores[0].d)
+    upper = torch.from_numpy(pd.read_parquet(results / "eval" / name / "features.parquet")["max_activation"].to_numpy(np.float32, copy=True))
+    codes_path = results / "eval" / name / "codes.safetensors"
+    return dictionary, upper, features.Codes(codes_path) if codes_path.exists() else None
+
+
+def timed_pass(dictionary, stores, settings, upper, labeler, codes, keep_probe_sample: bool):
+    start = time.perf_counter()
+    if keep_probe_sample:
+        analysis, _ = features.run_pass(dictionary, stores, settings, upper, labeler, codes=codes, desc="bench")
+    else:
+        with mock.patch.object(concept_comparison.ProbeSample, "add", lambda *args, **kwargs: None):
+            analysis, _ = features.run_pass(dictionary, stores, settings, upper, labeler, codes=codes, desc="bench")
+    return time.perf_counter() - start, analysis
+
+
+def comparison(analysis, labeler, settings, d_sae):
+    start = time.perf_counter()
+    held_out = features.held_out_comparison(analysis, labeler.names, settings, pd.DataFrame(index=range(d_sae)))
+    return time.perf_counter() - start, held_out
+
+
+def summary_of(name, analysis, held_out, labeler, d_sae):
+    """The parts of the features job's summary.json the report reads."""
+    binned = analysis.aurocs()
+    concepts = {}
+    for c, concept in enumerate(labeler.names):
+        entry = held_out["concepts"][concept]
+        single = entry["single_unit"] or {}
+        concepts[concept] = {"positive_fraction": float(analysis.concept_tokens[c]) / analysis.n_tokens,
+                             "best_unit": single.get("unit"), "best_auroc": single.get("auroc", float("nan")),
+                             "binned_same_tokens_best_auroc": float(np.nanmax(binned[c])),
+                             "sparse_probe": entry["sparse_probe"]}
+    return {"name": name, "d_sae": d_sae, "settings": {"probe_k": analysis.settings.probe_k,
+            "specificity_min_tokens": analysis.settings.specificity_min_tokens}, "concepts": concepts, "held_out": held_out}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results", type=Path, default=ROOT / "results")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--time", default=None, help="dictionary to time (default: the largest SAE)")
+    parser.add_argument("--skip-table", action="store_true")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    results = args.results
+    stores = [store.open_activations(p) for p in sorted((results / "activations").glob("eval_*.zarr"))]
+    names = [NEURONS] + sorted((p.name for p in (results / "sae").iterdir() if (p / "cfg.json").exists()),
+                               key=lambda n: json.loads((results / "sae" / n / "cfg.json").read_text())["d_sae"])
+    settings = features.FeatureSettings()
+    labeler = ConceptLabeler(compile_concepts(settings.concepts), tokenize.token_strings(results / "tokenizer"))
+    print(f"held-out sequences={sum(s.n_seq for s in stores)} threads={torch.get_num_threads()} probe_seqs={settings.probe_seqs}")
+
+    timed = args.time or names[-1]
+    dictionary, upper, codes = load(results, timed, stores)
+    without, with_, compare_s = [], [], []
+    for _ in range(args.repeats):  # interleaved, so load from other processes hits both alike
+        without.append(timed_pass(dictionary, stores, settings, upper, labeler, codes, False)[0])
+        seconds, analysis = timed_pass(dictionary, stores, settings, upper, labeler, codes, True)
+        with_.append(seconds)
+        compare_s.append(comparison(analysis, labeler, settings, dictionary.d_sae)[0])
+    added = statistics.median(with_) - statistics.median(without) + statistics.median(compare_s)
+    print(f"{timed}: pass_without_probe_s {statistics.median(without):.1f} {[round(x, 1) for x in without]}")
+    print(f"{timed}: pass_with_probe_s {statistics.median(with_):.1f} {[round(x, 1) for x in with_]}")
+    print(f"{timed}: comparison_s {statistics.median(compare_s):.1f} {[round(x, 1) for x in compare_s]}")
+    print(f"{timed}: added_s {added:.1f} (target <= 60)", flush=True)
+    if args.skip_table:
+        return
+
+    summaries = {}
+    for name in names:
+        dictionary, upper, codes = load(results, name, stores)
+        _, analysis = timed_pass(dictionary, stores, settings, upper, labeler, codes, True)
+        seconds, held_out = comparison(analysis, labeler, settings, dictionary.d_sae)
+        summaries[name] = summary_of(name, analysis, held_out, labeler, dictionary.d_sae)
+        print(f"{name}: comparison_s {seconds:.1f}", flush=True)
+        if args.out:
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / f"{name}.json").write_text(json.dumps(summaries[name], indent=1, default=str))
+    ks = [str(min(settings.probe_k)), str(max(settings.probe_k))]
+    print("\nk-sparse probe AUROC on the report part [95 % interval]")
+    print("concept | " + " | ".join(f"{n} k={k}" for n in names for k in ks))
+    for concept in labeler.names:
+        cells = []
+        for n in names:
+            for k in ks:
+                p = summaries[n]["concepts"][concept]["sparse_probe"].get(k)
+                cells.append("–" if not p else f"{p['auroc']:.3f} [{p['ci_low']:.3f}, {p['ci_high']:.3f}]")
+        print(f"{concept} | " + " | ".join(cells))
+    print("\nbest single unit: binned AUROC chosen and scored on all tokens -> exact AUROC, chosen on selection, scored on report")
+    print("concept | " + " | ".join(names))
+    for concept in labeler.names:
+        print(f"{concept} | " + " | ".join(f"{summaries[n]['concepts'][concept]['binned_same_tokens_best_auroc']:.3f} -> "
+                                            f"{summaries[n]['concepts'][concept]['best_auroc']:.3f}" for n in names))
+    print()
+    for n in names[1:]:
+        print(report.comparison_sentence(n, summaries[NEURONS], summaries[n], ks))
+    print("\nunits >= 90 % specific / units counted, per tau")
+    for n in names:
+        print(n, {t: f"{v['units_at_least_90_percent']} / {v['units_counted']}" for t, v in summaries[n]["held_out"]["specificity"].items()})
+
+
+if __name__ == "__main__":
+    main()
