@@ -31,7 +31,8 @@ def test_collect_records_keeps_the_true_top_sequences_and_splits_disjointly():
     blocks = random_blocks()
     tokens = np.concatenate([t for t, _ in blocks])
     acts = np.concatenate([a for _, a in blocks])
-    records = collect_records(blocks, [1, 4], n_top=6, n_explain=2, n_random=3, n_quantile=2, record_len=None, seed=1)
+    records = collect_records(blocks, [1, 4], n_top=6, n_explain=2, n_random=3, n_quantile=2, record_len=None, seed=1,
+                              sampling="top_random_quantile")
     for unit_records, unit in zip(records, [1, 4]):
         seq_max = acts[:, :, unit].max(axis=1)
         expected_top = set(np.argsort(-seq_max, kind="stable")[:6].tolist())
@@ -45,6 +46,32 @@ def test_collect_records_keeps_the_true_top_sequences_and_splits_disjointly():
         assert {r.kind for r in unit_records.scoring} == {"top", "random", "quantile"}
         for r in unit_records.scoring:
             assert r.tokens == tokens[r.sequence].tolist()
+
+
+def test_bills_sampling_interleaves_top_records_and_scores_top_and_random_one_to_one():
+    blocks = random_blocks(n_blocks=8)
+    acts = np.concatenate([a for _, a in blocks])
+    records = collect_records(blocks, [2, 5], n_top=20, n_explain=5, n_random=8, record_len=None, seed=0)
+    for unit_records, unit in zip(records, [2, 5]):
+        ranked = np.argsort(-acts[:, :, unit].max(axis=1), kind="stable")[:20].tolist()
+        assert [r.sequence for r in unit_records.explanation] == ranked[0::4]
+        scored_top = [r.sequence for r in unit_records.scoring if r.kind == "top"]
+        scored_random = [r.sequence for r in unit_records.scoring if r.kind == "random"]
+        assert scored_top == ranked[2::4] and len(scored_random) == len(scored_top) == 5
+        assert not set(scored_random) & set(ranked[0::4] + ranked[2::4])
+        assert {r.kind for r in unit_records.scoring} == {"top", "random"}
+    with pytest.raises(ValueError, match="sampling"):
+        collect_records(blocks, [0], sampling="delphi")
+
+
+def test_zeros_filtered_block_only_for_sparse_records():
+    from monoscope.autointerp.prompts import explanation_messages
+
+    sparse = [[("a", 0)] * 9 + [("b", 7)]]  # 10 % non-zero
+    dense = [[("a", 1), ("b", 0), ("c", 3)]]
+    assert "all zeros filtered out" in explanation_messages(sparse)[-1]["content"]
+    assert "all zeros filtered out" not in explanation_messages(dense)[-1]["content"]
+    assert explanation_messages(sparse)[-1]["content"].endswith("the main thing this neuron does is find")
 
 
 def test_collect_records_cuts_windows_around_the_maximum_and_is_seeded():

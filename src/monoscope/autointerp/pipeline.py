@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from .client import BudgetExceeded, ClientConfig, LLMClient, RequestFailed
 from .explain import explain
-from .records import UnitRecords, collect_records
+from .records import SAMPLINGS, UnitRecords, collect_records
 from .score import correlation_scores
 from .simulate import METHODS, BadAnswer, detect_method, simulate_record
 
@@ -48,6 +48,7 @@ class AutointerpSettings:
     n_quantile: int = 5
     quantile_pool: int = 200
     record_len: int | None = 32
+    sampling: str = "bills"
     seqs_per_block: int = 64
     simulation_method: str = "auto"
     top_logprobs: int = 15
@@ -71,6 +72,8 @@ class AutointerpSettings:
         if unknown:
             raise ValueError(f"unknown autointerp config key(s): {', '.join(unknown)}")
         settings = cls(**{k: v for k, v in section.items() if k in known})
+        if settings.sampling not in SAMPLINGS:
+            raise ValueError(f"autointerp.sampling must be one of {SAMPLINGS}, got {settings.sampling!r}")
         if settings.simulation_method not in METHODS:
             raise ValueError(f"autointerp.simulation_method must be one of {METHODS}, got {settings.simulation_method!r}")
         return settings
@@ -224,7 +227,7 @@ def run_dictionary(activation_paths: Sequence[str | Path], name: str, sae_dir: s
     records = collect_records(feature_blocks(), units, n_top=settings.n_top, n_random=settings.n_random,
                               n_quantile=settings.n_quantile, n_explain=settings.n_explain,
                               record_len=settings.record_len, seed=settings.seed,
-                              quantile_pool=settings.quantile_pool)
+                              quantile_pool=settings.quantile_pool, sampling=settings.sampling)
     results, usage = asyncio.run(_run(records, token_strings(tokenizer_dir), settings))
     usage |= {"dictionary": name, "units": len(units), "elapsed_s": round(time.monotonic() - started, 3)}
     write_results(results, usage, out_dir)
