@@ -64,6 +64,15 @@ def test_bills_sampling_interleaves_top_records_and_scores_top_and_random_one_to
         collect_records(blocks, [0], sampling="delphi")
 
 
+def test_logit_weights_text_names_the_tokens_a_unit_raises_and_lowers(tmp_path):
+    from monoscope.autointerp.pipeline import logit_weights_text
+
+    np.savez(tmp_path / "weights.npz", logit_top_ids=np.array([[2, 0], [1, 2]]), logit_bottom_ids=np.array([[1, 1], [0, 0]]))
+    text = logit_weights_text(tmp_path / "weights.npz", ["a", "b", "c"], n=2)
+    assert text == {0: "raises: 'c', 'a' | lowers: 'b', 'b'", 1: "raises: 'b', 'c' | lowers: 'a', 'a'"}
+    assert logit_weights_text(tmp_path / "missing.npz", ["a"]) == {}
+
+
 def test_zeros_filtered_block_only_for_sparse_records():
     from monoscope.autointerp.prompts import explanation_messages
 
@@ -173,14 +182,20 @@ def test_client_needs_the_named_key_variable_for_remote_endpoints(tmp_path, monk
 
 
 def test_rating_sheet_round_trip(tmp_path):
-    items = [{"dictionary": name, "unit": u, "explanation": f"thing {u}", "examples": "[a]{3}b"}
-             for name in ("x8", "neurons") for u in range(3)]
-    export_sheet(items, tmp_path / "out", seed=0)
+    items = [{"dictionary": name, "unit": u, "explanation": f"thing {u}", "examples": "[a]{3}b",
+              "logit_weights": f"raises: 'tok{u}' | lowers: 'x'"} for name in ("x8", "neurons") for u in range(3)]
+    with pytest.raises(ValueError, match="outside the raters' folder"):
+        export_sheet(items, tmp_path / "out", tmp_path / "out" / "ratings_key.csv", seed=0)
+    key_path = tmp_path / "ratings_key.csv"
+    export_sheet(items, tmp_path / "out", key_path, seed=0)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["rating_sheet.csv", "rating_sheet.html"]
     with open(tmp_path / "out" / "rating_sheet.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 6 and "dictionary" not in rows[0], "the sheet must be blind"
-    assert "Download filled CSV" in (tmp_path / "out" / "rating_sheet.html").read_text()
-    key = {r["item"]: r["dictionary"] for r in csv.DictReader(open(tmp_path / "out" / "ratings_key.csv"))}
+    assert {r["logit_weights"] for r in rows} == {f"raises: 'tok{u}' | lowers: 'x'" for u in range(3)}
+    form = (tmp_path / "out" / "rating_sheet.html").read_text()
+    assert "Download filled CSV" in form and "raises: &#x27;tok1&#x27;" in form
+    key = {r["item"]: r["dictionary"] for r in csv.DictReader(open(key_path))}
     filled = tmp_path / "filled"
     filled.mkdir()
     for row in rows:
@@ -189,7 +204,7 @@ def test_rating_sheet_round_trip(tmp_path):
         writer = csv.DictWriter(f, rows[0].keys())
         writer.writeheader()
         writer.writerows(rows)
-    summary = ingest_ratings(filled, tmp_path / "out" / "ratings_key.csv")
+    summary = ingest_ratings(filled, key_path)
     assert summary["dictionaries"]["x8"]["confidence"] == {"mean": 5.0, "n": 3}
     assert summary["dictionaries"]["neurons"]["confidence"]["mean"] == 1.0
     assert summary["dictionaries"]["neurons"]["logit_consistency"]["n"] == 0
@@ -199,7 +214,7 @@ def test_rating_sheet_round_trip(tmp_path):
         writer.writeheader()
         writer.writerows(rows)
     with pytest.raises(ValueError, match="bob.csv:2: confidence must be an integer 1..5"):
-        ingest_ratings(filled, tmp_path / "out" / "ratings_key.csv")
+        ingest_ratings(filled, key_path)
 
 
 class PromptLogprobsEndpoint:

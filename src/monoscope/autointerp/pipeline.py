@@ -291,10 +291,29 @@ def _examples_text(simulation_records: Sequence[dict], n: int = 3) -> str:
     return "\n".join(lines)
 
 
+def logit_weights_text(weights_path: str | Path | None, strings: Sequence[str] | None, n: int = 8) -> dict[int, str]:
+    """unit -> "raises: a, b, ... | lowers: c, d, ..." from a features job's weights.npz (empty without one)."""
+    if weights_path is None or strings is None or not Path(weights_path).exists():
+        return {}
+    with np.load(weights_path) as weights:
+        if "logit_top_ids" not in weights:
+            return {}
+        top, bottom = weights["logit_top_ids"][:, :n], weights["logit_bottom_ids"][:, :n]
+
+    def tokens(ids):
+        return ", ".join(repr(strings[int(t)]) for t in ids)
+
+    return {unit: f"raises: {tokens(top[unit])} | lowers: {tokens(bottom[unit])}" for unit in range(len(top))}
+
+
 def run_comparison(result_dirs: dict[str, str | Path], out_json: str | Path, out_png: str | Path,
-                   ratings_out_dir: str | Path, settings: AutointerpSettings) -> dict:
-    """Features vs neurons: bootstrap CIs per dictionary, the plot, a blind rating sheet, and any filled
-    sheets found in ``settings.ratings_dir`` ingested under ``human_ratings``."""
+                   ratings_out_dir: str | Path, settings: AutointerpSettings, key_path: str | Path | None = None,
+                   weights_paths: dict[str, str | Path] | None = None, strings: Sequence[str] | None = None) -> dict:
+    """Features vs neurons: bootstrap CIs per dictionary, the plot, a blind rating sheet (with each unit's
+    logit weights from ``weights_paths``, the features jobs' weights.npz), and any filled sheets found in
+    ``settings.ratings_dir`` ingested under ``human_ratings``. The answer key goes to ``key_path`` (default:
+    ratings_key.csv beside the raters' folder, never inside it)."""
+    key_path = Path(key_path) if key_path is not None else Path(ratings_out_dir).parent / "ratings_key.csv"
     from .ratings import export_sheet, ingest_ratings
     from .score import compare_dictionaries, plot_comparison
 
@@ -302,14 +321,15 @@ def run_comparison(result_dirs: dict[str, str | Path], out_json: str | Path, out
     summary = {"scores": compare_dictionaries(scores, n_boot=settings.bootstrap_samples, seed=settings.seed)}
     items = []
     for name, directory in result_dirs.items():
+        logits = logit_weights_text((weights_paths or {}).get(name), strings)
         with open(Path(directory) / "simulations.jsonl", encoding="utf-8") as f:
             for line in f:
                 row = json.loads(line)
                 if row["explanation"]:
                     items.append({"dictionary": name, "unit": row["unit"], "explanation": row["explanation"],
-                                  "examples": _examples_text(row["records"])})
-    export_sheet(items, ratings_out_dir, seed=settings.seed)
-    summary["human_ratings"] = ingest_ratings(settings.ratings_dir, Path(ratings_out_dir) / "ratings_key.csv")
+                                  "examples": _examples_text(row["records"]), "logit_weights": logits.get(row["unit"], "")})
+    export_sheet(items, ratings_out_dir, key_path, seed=settings.seed)
+    summary["human_ratings"] = ingest_ratings(settings.ratings_dir, key_path)
     summary["usage"] = {name: json.loads((Path(d) / "usage.json").read_text()) for name, d in result_dirs.items()}
     plot_comparison(summary["scores"], out_png)
     with _atomic(Path(out_json)) as f:
