@@ -259,3 +259,67 @@ def test_all_at_once_simulation_reads_each_placeholders_distribution(method):
     (kind, body), = endpoint.bodies
     assert kind == "completions" and body["echo"] is True and body["max_tokens"] == 1
     assert ("prompt_logprobs" in body) == (method == "prompt_logprobs")
+
+
+class OracleChat:
+    """A chat endpoint that knows unit 0 fires on ' cat': it explains, simulates (JSON) and answers
+    detection and fuzzing questions the way a perfect model would."""
+
+    def __init__(self):
+        self.requests = []
+
+    async def chat(self, messages, **params):
+        from monoscope.autointerp import classify, prompts
+
+        self.requests.append((messages, params))
+        system, last = messages[0]["content"], messages[-1]["content"]
+        if system == prompts.EXPLAIN_SYSTEM:
+            answer = " the word cat."
+        elif system == prompts.SIMULATE_INTRO:
+            import json as json_module
+
+            tokens = json_module.loads(last.split("\n")[1].split(": ", 1)[1])
+            answer = json_module.dumps([10 if t == " cat" else 0 for t in tokens])
+        else:
+            text = last.split("Text: ", 1)[1]
+            if system == classify.DETECTION_SYSTEM:
+                answer = "Yes." if "cat" in text else "no"
+            else:
+                marked = [part.split(">>")[0] for part in text.split("<<")[1:]]
+                answer = "yes" if marked and all(m == " cat" for m in marked) else "No"
+        return {"choices": [{"message": {"content": answer}}]}
+
+
+def test_detection_and_fuzzing_score_a_perfect_explanation_one_and_cost_one_short_answer_per_example():
+    from monoscope.autointerp.classify import balanced_accuracy, parse_yes_no
+    from monoscope.autointerp.pipeline import interpret_units
+
+    words = [" cat"] + [f" w{i}" for i in range(19)]
+    rng = np.random.default_rng(0)
+    blocks = []
+    for _ in range(4):
+        tokens = rng.integers(0, len(words), (16, 12)).astype(np.int32)
+        blocks.append((tokens, ((tokens == 0) * 2.0)[..., None].astype(np.float32)))
+    units = collect_records(blocks, [0], n_top=12, n_explain=3, n_random=3, record_len=6, seed=0)
+    client = OracleChat()
+    settings = AutointerpSettings()
+    result, = asyncio.run(interpret_units(client, units, words, settings, "json"))
+    assert result["status"] == "ok" and result["spearman"] == pytest.approx(1.0)
+    assert result["detection"] == 1.0 and result["fuzzing"] == 1.0
+    classifications = result["classifications"]
+    assert {c["scorer"] for c in classifications} == {"detection", "fuzzing"}
+    assert {c["label"] for c in classifications if c["scorer"] == "detection"} == {True, False}
+    fuzz_labels = [c["label"] for c in classifications if c["scorer"] == "fuzzing"]
+    assert fuzz_labels.count(True) == fuzz_labels.count(False) > 0
+    yes_no = [params for messages, params in client.requests if "yes or no" in messages[0]["content"]]
+    assert len(yes_no) == len(classifications) and all(p["max_tokens"] <= 3 for p in yes_no)
+    assert balanced_accuracy([True, True, False, False], [True, True, True, True]) == 0.5
+    assert np.isnan(balanced_accuracy([True, True], [True, False]))
+    assert parse_yes_no(" **Yes**, it does") is True and parse_yes_no("no.") is False
+    with pytest.raises(BadAnswer, match="yes or no"):
+        parse_yes_no("maybe")
+    only_detection = AutointerpSettings.from_config({"scorers": ["detection"]})
+    result, = asyncio.run(interpret_units(OracleChat(), units, words, only_detection, "json"))
+    assert result["status"] == "ok" and np.isnan(result["spearman"]) and "fuzzing" not in result
+    with pytest.raises(ValueError, match="autointerp.scorers"):
+        AutointerpSettings.from_config({"scorers": ["vibes"]})

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from .classify import SCORERS, balanced_accuracy, classify, detection_examples, fuzzing_examples
 from .client import BudgetExceeded, ClientConfig, LLMClient, RequestFailed
 from .explain import explain
 from .records import SAMPLINGS, UnitRecords, collect_records
@@ -29,7 +30,9 @@ from .simulate import METHODS, BadAnswer, detect_method, simulate_record
 
 log = logging.getLogger(__name__)
 
-SCORE_COLUMNS = ["unit", "status", "spearman", "pearson", "n_tokens", "unparsed", "explanation", "reason"]
+SCORE_COLUMNS = ["unit", "status", "spearman", "pearson", "detection", "fuzzing", "n_tokens", "unparsed", "explanation",
+                 "reason"]
+SCORE_METRICS = ("spearman", "pearson", "detection", "fuzzing")
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,7 @@ class AutointerpSettings:
     quantile_pool: int = 200
     record_len: int | None = 32
     sampling: str = "bills"
+    scorers: tuple[str, ...] = SCORERS
     seqs_per_block: int = 64
     simulation_method: str = "auto"
     top_logprobs: int = 15
@@ -71,7 +75,9 @@ class AutointerpSettings:
         unknown = sorted(set(section) - known - {"enabled"})
         if unknown:
             raise ValueError(f"unknown autointerp config key(s): {', '.join(unknown)}")
-        settings = cls(**{k: v for k, v in section.items() if k in known})
+        settings = cls(**{k: tuple(v) if k == "scorers" else v for k, v in section.items() if k in known})
+        if not settings.scorers or set(settings.scorers) - set(SCORERS):
+            raise ValueError(f"autointerp.scorers must be a non-empty subset of {SCORERS}, got {list(settings.scorers)}")
         if settings.sampling not in SAMPLINGS:
             raise ValueError(f"autointerp.sampling must be one of {SAMPLINGS}, got {settings.sampling!r}")
         if settings.simulation_method not in METHODS:
@@ -151,13 +157,22 @@ async def _interpret_unit(client, unit: UnitRecords, strings, settings, method) 
             lambda attempt: explain(client, unit, strings, max_tokens=settings.explanation_max_tokens,
                                     attempt=attempt), settings.bad_answer_retries)
         stage = "simulate"
-        simulations = await _gather_or_cancel(
-            _retry_bad_answers(
-                lambda attempt, r=record: simulate_record(client, method, result["explanation"],
-                                                          [strings[t] for t in r.tokens],
-                                                          top_logprobs=settings.top_logprobs, attempt=attempt),
-                settings.bad_answer_retries)
-            for record in unit.scoring)
+        simulations = []
+        if "simulation" in settings.scorers:
+            simulations = await _gather_or_cancel(
+                _retry_bad_answers(
+                    lambda attempt, r=record: simulate_record(client, method, result["explanation"],
+                                                              [strings[t] for t in r.tokens],
+                                                              top_logprobs=settings.top_logprobs, attempt=attempt),
+                    settings.bad_answer_retries)
+                for record in unit.scoring)
+        stage = "classify"
+        examples = ((detection_examples(unit, strings) if "detection" in settings.scorers else [])
+                    + (fuzzing_examples(unit, strings, settings.seed) if "fuzzing" in settings.scorers else []))
+        answers = await _gather_or_cancel(
+            _retry_bad_answers(lambda attempt, e=example: classify(client, e, result["explanation"], attempt),
+                               settings.bad_answer_retries)
+            for example in examples)
     except (BadAnswer, RequestFailed, BudgetExceeded) as error:
         kind = {BadAnswer: "bad_answer", RequestFailed: "request_failed", BudgetExceeded: "budget"}[type(error)]
         return result | {"status": f"failed_{kind}", "reason": f"{stage}: {error}"}
@@ -168,6 +183,14 @@ async def _interpret_unit(client, unit: UnitRecords, strings, settings, method) 
             "true_quantised": unit.quantised(record), "predicted": simulation.predicted,
             "unparsed": simulation.unparsed,
         })
+    result["classifications"] = [{"scorer": e.scorer, "kind": e.record.kind, "sequence": e.record.sequence, "text": e.text,
+                                  "label": e.label, "answer": answer} for e, answer in zip(examples, answers)]
+    for scorer in ("detection", "fuzzing"):
+        if scorer in settings.scorers:
+            pairs = [(c["label"], c["answer"]) for c in result["classifications"] if c["scorer"] == scorer]
+            result[scorer] = balanced_accuracy(*zip(*pairs)) if pairs else math.nan
+    if "simulation" not in settings.scorers:
+        return result | {"spearman": math.nan, "pearson": math.nan, "status": "ok", "reason": ""}
     scores = correlation_scores([s["predicted"] for s in result["simulations"]],
                                 [s["true"] for s in result["simulations"]])
     status = "ok" if not math.isnan(scores["spearman"]) else "constant_truth"
@@ -242,15 +265,16 @@ def write_results(results: Sequence[dict], usage: dict, out_dir: str | Path) -> 
             f.write(json.dumps({k: r.get(k) for k in ("unit", "status", "explanation", "reason", "max_act")}) + "\n")
     with _atomic(out / "simulations.jsonl") as f:
         for r in results:
-            f.write(json.dumps({"unit": r["unit"], "explanation": r["explanation"], "records": r["simulations"]}) + "\n")
+            f.write(json.dumps({"unit": r["unit"], "explanation": r["explanation"], "records": r["simulations"],
+                                "classifications": r.get("classifications", [])}) + "\n")
     with _atomic(out / "scores.csv") as f:
         writer = csv.DictWriter(f, SCORE_COLUMNS)
         writer.writeheader()
         for r in results:
             n_tokens = sum(len(s["true"]) for s in r["simulations"])
             unparsed = sum(s["unparsed"] for s in r["simulations"])
-            writer.writerow({"unit": r["unit"], "status": r["status"], "spearman": r.get("spearman", math.nan),
-                             "pearson": r.get("pearson", math.nan), "n_tokens": n_tokens, "unparsed": unparsed,
+            writer.writerow({"unit": r["unit"], "status": r["status"], **{m: r.get(m, math.nan) for m in SCORE_METRICS},
+                             "n_tokens": n_tokens, "unparsed": unparsed,
                              "explanation": r["explanation"] or "", "reason": r.get("reason", "")})
     with _atomic(out / "usage.json") as f:
         f.write(json.dumps(usage, indent=2, sort_keys=True) + "\n")
@@ -279,7 +303,8 @@ def read_scores(path: str | Path) -> list[dict[str, Any]]:
         rows = list(csv.DictReader(f))
     for row in rows:
         row["unit"] = int(row["unit"])
-        row["spearman"], row["pearson"] = float(row["spearman"]), float(row["pearson"])
+        for metric in SCORE_METRICS:  # a table written before detection and fuzzing lacks them: NaN
+            row[metric] = float(row.get(metric) or "nan")
     return rows
 
 
