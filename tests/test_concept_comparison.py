@@ -47,6 +47,8 @@ def test_the_parts_keep_their_own_sequences_whatever_the_block_size():
     np.testing.assert_array_equal(report.columns(range(10)).numpy(), f[rows].reshape(-1, 10).numpy())
     again = sample_parts(f, labels, split, block=40)[1]
     np.testing.assert_array_equal(again.columns(range(10)).numpy(), report.columns(range(10)).numpy())
+    with pytest.raises(ValueError, match="share sequences"):
+        cc.compare(report, report, ["a", "b"], [1], [0.5], 1, 0, 0)
 
 
 @pytest.mark.parametrize("kind", ["sparse", "dense"])

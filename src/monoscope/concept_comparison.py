@@ -374,7 +374,7 @@ def compare(selection: ProbeData, report: ProbeData, concept_names: Sequence[str
             thresholds: Sequence[float], min_tokens: int, resamples: int, seed: int, log=lambda _: None) -> dict:
     """The held-out comparison for one dictionary: {"concepts": {name: {...}}, "specificity": {...}, "units": {...}}."""
     if not set(selection.seq).isdisjoint(report.seq):
-        raise AssertionError("the selection and report parts share sequences")  # split_sequences guarantees it
+        raise ValueError("the selection and report parts share sequences: units would be scored where they were chosen")
     bootstrap = Bootstrap(report.seq, resamples, seed)
     single_selection = exact_aurocs(selection)  # [C, d_sae]
     single_report = exact_aurocs(report)
