@@ -59,7 +59,7 @@ class FeatureSettings:
     quantile_bins: int = 8  # activation intervals (equal width on [0, max]) sampled from
     per_bin: int = 3  # sequences sampled per interval
     context_tokens: int = 8  # tokens shown either side of the example's activating token
-    histogram_bins: int = 32  # activation histogram bins per unit (also the AUROC resolution)
+    histogram_bins: int = 32  # activation histogram bins per unit (also the resolution of the all-token AUROC)
     logit_tokens: int = 10  # top and bottom tokens of the logit weights
     neighbours: int = 8  # neurons listed per feature, features per neuron
     ablation_top: int = 16  # ablate this many of the densest units
