@@ -552,7 +552,6 @@ def analyse(name, dictionary, stores, settings: FeatureSettings, upper, labeler,
             single = held_out["concepts"][concept]["single_unit"] or {}
             concept_summary[concept] = {"positive_fraction": float(analysis.concept_tokens[c]) / analysis.n_tokens,
                                         "best_unit": single.get("unit"), "best_auroc": single.get("auroc", float("nan")),
-                                        "best_auroc_ci": [single.get("ci_low"), single.get("ci_high")],
                                         "sparse_probe": held_out["concepts"][concept]["sparse_probe"]}
 
     start = time.perf_counter()
