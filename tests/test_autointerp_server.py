@@ -37,13 +37,15 @@ def unit_records():
         acts[..., 1] = np.isin(tokens, [10, 11, 12]) * rng.uniform(1, 2, tokens.shape)
         acts[..., 2] = (tokens == 0) * 1.0
         blocks.append((tokens, acts))
-    return collect_records(blocks, [0, 1, 2], n_top=3, n_explain=2, n_random=1, n_quantile=0, record_len=4, seed=0)
+    return collect_records(blocks, [0, 1, 2], n_top=3, n_explain=2, n_random=1, n_quantile=0, record_len=4, seed=0,
+                           sampling="top_random_quantile")
 
 
 def settings_for(base_url, tmp_path, **overrides):
     values = dict(base_url=base_url, model="smollm2-135m", api_key_env="MONOSCOPE_TEST_KEY",
                   simulation_method="next_token", cache_path=str(tmp_path / "cache.sqlite"), concurrency=4,
-                  backoff_s=0.01, backoff_max_s=0.05, explanation_max_tokens=16, top_logprobs=10, seed=0)
+                  backoff_s=0.01, backoff_max_s=0.05, explanation_max_tokens=16, top_logprobs=10, seed=0,
+                  scorers=("simulation",))  # detection and fuzzing have their own test below
     return AutointerpSettings(**(values | overrides))
 
 
@@ -105,6 +107,19 @@ def test_json_simulation_ends_every_unit_with_a_score_or_a_reason(llm_base_url, 
         else:
             assert r["reason"].startswith("simulate:") and "after 2 attempts" in r["reason"]
     assert usage["answered"] >= 3 + 3 * 2
+
+
+def test_detection_and_fuzzing_get_one_word_answers_from_a_small_chat_model(llm_base_url, tmp_path, unit_records):
+    results, usage = run(unit_records, settings_for(llm_base_url, tmp_path, scorers=("detection", "fuzzing"),
+                                                    bad_answer_retries=1))
+    for r in results:
+        assert r["status"] in ("ok", "failed_bad_answer"), r.get("reason")
+        if r["status"] == "ok":
+            assert r["classifications"] and all(isinstance(c["answer"], bool) for c in r["classifications"])
+            assert not r["simulations"] and math.isnan(r["spearman"])
+        else:
+            assert r["reason"].startswith("classify:")
+    assert any(r["status"] == "ok" for r in results)
 
 
 def test_empty_answers_are_retried_then_recorded_as_failures(llm_base_url, tmp_path, unit_records):

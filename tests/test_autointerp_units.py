@@ -31,7 +31,8 @@ def test_collect_records_keeps_the_true_top_sequences_and_splits_disjointly():
     blocks = random_blocks()
     tokens = np.concatenate([t for t, _ in blocks])
     acts = np.concatenate([a for _, a in blocks])
-    records = collect_records(blocks, [1, 4], n_top=6, n_explain=2, n_random=3, n_quantile=2, record_len=None, seed=1)
+    records = collect_records(blocks, [1, 4], n_top=6, n_explain=2, n_random=3, n_quantile=2, record_len=None, seed=1,
+                              sampling="top_random_quantile")
     for unit_records, unit in zip(records, [1, 4]):
         seq_max = acts[:, :, unit].max(axis=1)
         expected_top = set(np.argsort(-seq_max, kind="stable")[:6].tolist())
@@ -45,6 +46,41 @@ def test_collect_records_keeps_the_true_top_sequences_and_splits_disjointly():
         assert {r.kind for r in unit_records.scoring} == {"top", "random", "quantile"}
         for r in unit_records.scoring:
             assert r.tokens == tokens[r.sequence].tolist()
+
+
+def test_bills_sampling_interleaves_top_records_and_scores_top_and_random_one_to_one():
+    blocks = random_blocks(n_blocks=8)
+    acts = np.concatenate([a for _, a in blocks])
+    records = collect_records(blocks, [2, 5], n_top=20, n_explain=5, n_random=8, record_len=None, seed=0)
+    for unit_records, unit in zip(records, [2, 5]):
+        ranked = np.argsort(-acts[:, :, unit].max(axis=1), kind="stable")[:20].tolist()
+        assert [r.sequence for r in unit_records.explanation] == ranked[0::4]
+        scored_top = [r.sequence for r in unit_records.scoring if r.kind == "top"]
+        scored_random = [r.sequence for r in unit_records.scoring if r.kind == "random"]
+        assert scored_top == ranked[2::4] and len(scored_random) == len(scored_top) == 5
+        assert not set(scored_random) & set(ranked[0::4] + ranked[2::4])
+        assert {r.kind for r in unit_records.scoring} == {"top", "random"}
+    with pytest.raises(ValueError, match="sampling"):
+        collect_records(blocks, [0], sampling="delphi")
+
+
+def test_logit_weights_text_names_the_tokens_a_unit_raises_and_lowers(tmp_path):
+    from monoscope.autointerp.pipeline import logit_weights_text
+
+    np.savez(tmp_path / "weights.npz", logit_top_ids=np.array([[2, 0], [1, 2]]), logit_bottom_ids=np.array([[1, 1], [0, 0]]))
+    text = logit_weights_text(tmp_path / "weights.npz", ["a", "b", "c"], n=2)
+    assert text == {0: "raises: 'c', 'a' | lowers: 'b', 'b'", 1: "raises: 'b', 'c' | lowers: 'a', 'a'"}
+    assert logit_weights_text(tmp_path / "missing.npz", ["a"]) == {}
+
+
+def test_zeros_filtered_block_only_for_sparse_records():
+    from monoscope.autointerp.prompts import explanation_messages
+
+    sparse = [[("a", 0)] * 9 + [("b", 7)]]  # 10 % non-zero
+    dense = [[("a", 1), ("b", 0), ("c", 3)]]
+    assert "all zeros filtered out" in explanation_messages(sparse)[-1]["content"]
+    assert "all zeros filtered out" not in explanation_messages(dense)[-1]["content"]
+    assert explanation_messages(sparse)[-1]["content"].endswith("the main thing this neuron does is find")
 
 
 def test_collect_records_cuts_windows_around_the_maximum_and_is_seeded():
@@ -147,14 +183,20 @@ def test_client_needs_the_named_key_variable_for_remote_endpoints(tmp_path, monk
 
 
 def test_rating_sheet_round_trip(tmp_path):
-    items = [{"dictionary": name, "unit": u, "explanation": f"thing {u}", "examples": "[a]{3}b"}
-             for name in ("x8", "neurons") for u in range(3)]
-    export_sheet(items, tmp_path / "out", seed=0)
+    items = [{"dictionary": name, "unit": u, "explanation": f"thing {u}", "examples": "[a]{3}b",
+              "logit_weights": f"raises: 'tok{u}' | lowers: 'x'"} for name in ("x8", "neurons") for u in range(3)]
+    with pytest.raises(ValueError, match="outside the raters' folder"):
+        export_sheet(items, tmp_path / "out", tmp_path / "out" / "ratings_key.csv", seed=0)
+    key_path = tmp_path / "ratings_key.csv"
+    export_sheet(items, tmp_path / "out", key_path, seed=0)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["rating_sheet.csv", "rating_sheet.html"]
     with open(tmp_path / "out" / "rating_sheet.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 6 and "dictionary" not in rows[0], "the sheet must be blind"
-    assert "Download filled CSV" in (tmp_path / "out" / "rating_sheet.html").read_text()
-    key = {r["item"]: r["dictionary"] for r in csv.DictReader(open(tmp_path / "out" / "ratings_key.csv"))}
+    assert {r["logit_weights"] for r in rows} == {f"raises: 'tok{u}' | lowers: 'x'" for u in range(3)}
+    form = (tmp_path / "out" / "rating_sheet.html").read_text()
+    assert "Download filled CSV" in form and "raises: &#x27;tok1&#x27;" in form
+    key = {r["item"]: r["dictionary"] for r in csv.DictReader(open(key_path))}
     filled = tmp_path / "filled"
     filled.mkdir()
     for row in rows:
@@ -163,7 +205,7 @@ def test_rating_sheet_round_trip(tmp_path):
         writer = csv.DictWriter(f, rows[0].keys())
         writer.writeheader()
         writer.writerows(rows)
-    summary = ingest_ratings(filled, tmp_path / "out" / "ratings_key.csv")
+    summary = ingest_ratings(filled, key_path)
     assert summary["dictionaries"]["x8"]["confidence"] == {"mean": 5.0, "n": 3}
     assert summary["dictionaries"]["neurons"]["confidence"]["mean"] == 1.0
     assert summary["dictionaries"]["neurons"]["logit_consistency"]["n"] == 0
@@ -173,7 +215,7 @@ def test_rating_sheet_round_trip(tmp_path):
         writer.writeheader()
         writer.writerows(rows)
     with pytest.raises(ValueError, match="bob.csv:2: confidence must be an integer 1..5"):
-        ingest_ratings(filled, tmp_path / "out" / "ratings_key.csv")
+        ingest_ratings(filled, key_path)
 
 
 class PromptLogprobsEndpoint:
@@ -226,9 +268,9 @@ def test_all_at_once_simulation_reads_each_placeholders_distribution(method):
 
 def test_a_sheet_filled_for_an_earlier_key_is_never_attributed_to_other_units(tmp_path):
     first = [{"dictionary": "x8", "unit": u, "explanation": f"thing {u}", "examples": "e"} for u in range(4)]
-    export_sheet(first, tmp_path / "one", seed=0)
+    export_sheet(first, tmp_path / "one", tmp_path / "one_key.csv", seed=0)
     rows = list(csv.DictReader(open(tmp_path / "one" / "rating_sheet.csv", newline="")))
-    by_item = {r["item"]: int(r["unit"]) for r in csv.DictReader(open(tmp_path / "one" / "ratings_key.csv"))}
+    by_item = {r["item"]: int(r["unit"]) for r in csv.DictReader(open(tmp_path / "one_key.csv"))}
     filled = tmp_path / "filled"
     filled.mkdir()
     with open(filled / "old.csv", "w", newline="", encoding="utf-8") as f:
@@ -238,15 +280,15 @@ def test_a_sheet_filled_for_an_earlier_key_is_never_attributed_to_other_units(tm
     # The next run: unit 1 is explained differently, unit 0 is gone, unit 9 is new; the order is reshuffled.
     second = [{"dictionary": "x8", "unit": u, "explanation": "other" if u == 1 else f"thing {u}", "examples": "e"}
               for u in (9, 3, 2, 1)]
-    export_sheet(second, tmp_path / "two", seed=0)
-    summary = ingest_ratings(filled, tmp_path / "two" / "ratings_key.csv")
+    export_sheet(second, tmp_path / "two", tmp_path / "two_key.csv", seed=0)
+    summary = ingest_ratings(filled, tmp_path / "two_key.csv")
     assert summary["stale_rows"] == {"old.csv": 2}  # units 0 and 1 (old explanation)
     assert summary["dictionaries"]["x8"]["confidence"] == {"mean": (3 + 4) / 2, "n": 2}  # units 2 and 3, as rated
 
 
 def test_excel_byte_order_marks_and_header_spaces_are_read(tmp_path):
     items = [{"dictionary": "x8", "unit": u, "explanation": f"thing {u}", "examples": "e"} for u in range(2)]
-    export_sheet(items, tmp_path / "out", seed=0)
+    export_sheet(items, tmp_path / "out", tmp_path / "key.csv", seed=0)
     rows = list(csv.DictReader(open(tmp_path / "out" / "rating_sheet.csv", newline="")))
     filled = tmp_path / "filled"
     filled.mkdir()
@@ -254,12 +296,77 @@ def test_excel_byte_order_marks_and_header_spaces_are_read(tmp_path):
         writer = csv.writer(f)
         writer.writerow([" Item ", "Confidence "])
         writer.writerows([r["item"], "4"] for r in rows)
-    summary = ingest_ratings(filled, tmp_path / "out" / "ratings_key.csv")
+    summary = ingest_ratings(filled, tmp_path / "key.csv")
     assert summary["dictionaries"]["x8"]["confidence"] == {"mean": 4.0, "n": 2} and summary["stale_rows"] == {}
 
 
 @pytest.mark.parametrize("text", ['=HYPERLINK("http://evil","x")', "+1+1", "-2", "@SUM(A1)", "\tx", "\rx"])
 def test_explanations_that_look_like_formulas_are_written_as_text(tmp_path, text):
-    export_sheet([{"dictionary": "x8", "unit": 0, "explanation": text, "examples": text}], tmp_path, seed=0)
-    (row,) = csv.DictReader(open(tmp_path / "rating_sheet.csv", newline=""))
-    assert row["explanation"] == "'" + text and row["examples"] == "'" + text
+    export_sheet([{"dictionary": "x8", "unit": 0, "explanation": text, "examples": text, "logit_weights": text}],
+                 tmp_path / "sheet", tmp_path / "key.csv", seed=0)
+    (row,) = csv.DictReader(open(tmp_path / "sheet" / "rating_sheet.csv", newline=""))
+    assert row["explanation"] == row["examples"] == row["logit_weights"] == "'" + text
+
+
+class OracleChat:
+    """A chat endpoint that knows unit 0 fires on ' cat': it explains, simulates (JSON) and answers
+    detection and fuzzing questions the way a perfect model would."""
+
+    def __init__(self):
+        self.requests = []
+
+    async def chat(self, messages, **params):
+        from monoscope.autointerp import classify, prompts
+
+        self.requests.append((messages, params))
+        system, last = messages[0]["content"], messages[-1]["content"]
+        if system == prompts.EXPLAIN_SYSTEM:
+            answer = " the word cat."
+        elif system == prompts.SIMULATE_INTRO:
+            import json as json_module
+
+            tokens = json_module.loads(last.split("\n")[1].split(": ", 1)[1])
+            answer = json_module.dumps([10 if t == " cat" else 0 for t in tokens])
+        else:
+            text = last.split("Text: ", 1)[1]
+            if system == classify.DETECTION_SYSTEM:
+                answer = "Yes." if "cat" in text else "no"
+            else:
+                marked = [part.split(">>")[0] for part in text.split("<<")[1:]]
+                answer = "yes" if marked and all(m == " cat" for m in marked) else "No"
+        return {"choices": [{"message": {"content": answer}}]}
+
+
+def test_detection_and_fuzzing_score_a_perfect_explanation_one_and_cost_one_short_answer_per_example():
+    from monoscope.autointerp.classify import balanced_accuracy, parse_yes_no
+    from monoscope.autointerp.pipeline import interpret_units
+
+    words = [" cat"] + [f" w{i}" for i in range(19)]
+    rng = np.random.default_rng(0)
+    blocks = []
+    for _ in range(4):
+        tokens = rng.integers(0, len(words), (16, 12)).astype(np.int32)
+        blocks.append((tokens, ((tokens == 0) * 2.0)[..., None].astype(np.float32)))
+    units = collect_records(blocks, [0], n_top=12, n_explain=3, n_random=3, record_len=6, seed=0)
+    client = OracleChat()
+    settings = AutointerpSettings()
+    result, = asyncio.run(interpret_units(client, units, words, settings, "json"))
+    assert result["status"] == "ok" and result["spearman"] == pytest.approx(1.0)
+    assert result["detection"] == 1.0 and result["fuzzing"] == 1.0
+    classifications = result["classifications"]
+    assert {c["scorer"] for c in classifications} == {"detection", "fuzzing"}
+    assert {c["label"] for c in classifications if c["scorer"] == "detection"} == {True, False}
+    fuzz_labels = [c["label"] for c in classifications if c["scorer"] == "fuzzing"]
+    assert fuzz_labels.count(True) == fuzz_labels.count(False) > 0
+    yes_no = [params for messages, params in client.requests if "yes or no" in messages[0]["content"]]
+    assert len(yes_no) == len(classifications) and all(p["max_tokens"] <= 3 for p in yes_no)
+    assert balanced_accuracy([True, True, False, False], [True, True, True, True]) == 0.5
+    assert np.isnan(balanced_accuracy([True, True], [True, False]))
+    assert parse_yes_no(" **Yes**, it does") is True and parse_yes_no("no.") is False
+    with pytest.raises(BadAnswer, match="yes or no"):
+        parse_yes_no("maybe")
+    only_detection = AutointerpSettings.from_config({"scorers": ["detection"]})
+    result, = asyncio.run(interpret_units(OracleChat(), units, words, only_detection, "json"))
+    assert result["status"] == "ok" and np.isnan(result["spearman"]) and "fuzzing" not in result
+    with pytest.raises(ValueError, match="autointerp.scorers"):
+        AutointerpSettings.from_config({"scorers": ["vibes"]})

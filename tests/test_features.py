@@ -187,6 +187,12 @@ def test_bad_settings_are_named():
         features.FeatureSettings.from_config(tiny_config(topk=3))
     with pytest.raises(ValueError, match="'broken'"):
         features.FeatureSettings.from_config(tiny_config(concepts=[{"name": "broken", "pattern": "("}]))
+    with pytest.raises(ValueError, match="features.probe_report_fraction"):
+        features.FeatureSettings.from_config(tiny_config(probe_report_fraction=1.0))
+    with pytest.raises(ValueError, match="features.probe_k"):
+        features.FeatureSettings.from_config(tiny_config(probe_k=[0, 4]))
+    with pytest.raises(ValueError, match="features.specificity_thresholds"):
+        features.FeatureSettings.from_config(tiny_config(specificity_thresholds=[1.5]))
 
 
 def test_rules_plan_one_features_job_per_dictionary_and_the_site(tmp_path):
@@ -200,3 +206,20 @@ def test_rules_plan_one_features_job_per_dictionary_and_the_site(tmp_path):
     assert plan.returncode == 0, plan.stdout + plan.stderr
     counts = dict(re.findall(r"^(\w+)\s+(\d+)$", plan.stdout, flags=re.MULTILINE))
     assert counts["features"] == "3" and counts["site"] == "1"  # x1, x2 and the neurons
+
+
+def test_the_held_out_comparison_splits_alike_for_every_dictionary(tiny):
+    root, built = tiny
+    summaries = {name: features.load_features(root / "features" / name)["summary"] for name in ("neurons", "x2")}
+    held_out = {name: s["held_out"] for name, s in summaries.items()}
+    for name, h in held_out.items():
+        assert h["selection_seqs"] + h["report_seqs"] == len(built["tokens"])  # the tiny run samples every sequence
+        assert h["report_seqs"] == round(0.5 * len(built["tokens"]))
+        for concept, entry in summaries[name]["concepts"].items():
+            if entry["best_unit"] is not None:
+                assert set(entry["sparse_probe"]) == {"1", "2", "4", "8", "16"}
+                for k, probe in entry["sparse_probe"].items():  # intervals where the report shows them
+                    assert (probe["ci_low"] <= probe["auroc"] <= probe["ci_high"]) == (k in ("1", "16"))
+    assert held_out["neurons"]["report_tokens"] == held_out["x2"]["report_tokens"]
+    units = features.load_features(root / "features" / "x2")["units"]
+    assert {"heldout_auroc_comment", "specific_precision_tau0.5", "specific_concept_tau0.8"} <= set(units.columns)

@@ -8,16 +8,21 @@ tokens read:
               tokens and, per concept, for the tokens the concept labels: AUROC per concept follows
     density, mean and max
 so memory is O(d_sae * ((top_k + quantile_bins * per_bin) * window + (n_concepts + 1) * histogram_bins)).
+The same pass keeps the exact activations of `probe_seqs` sampled sequences (monoscope.concept_comparison:
+entries for sparse dictionaries, O(probe_seqs * context * L0)) for the held-out features-versus-neurons
+comparison: single-unit exact AUROC, k-sparse probes and per-unit specificity.
 
 Then, from the weights: logit weights through the direct path, the loss change when a unit is zeroed
 (for the densest units and a configured list), the cosine of each neuron's input and output weights,
 the neurons a feature draws on, and how similar rare features are to each other.
 
 Everything lands in results/features/<name>/ (written to a temporary directory, renamed when whole):
-    units.parquet   one row per unit: density, activations, best concept, AUROC per concept, ablation, ...
+    units.parquet   one row per unit: density, activations, best concept, AUROC per concept (binned, all tokens),
+                    held-out exact AUROC per concept, specificity per threshold, ablation, ...
     examples.npz    top and quantile examples (values, token windows, activation windows), histograms
     weights.npz     logit weights (top/bottom tokens), neighbours between features and neurons
-    summary.json    settings, provenance, per-concept best neuron/feature, rare-feature statistics, timings
+    summary.json    settings, provenance, held-out comparison per concept (best unit, k-sparse probes, bootstrap
+                    intervals) and specificity distribution, rare-feature statistics, timings
     rare_features.png (SAEs only)
 """
 
@@ -37,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from monoscope import __version__, store
+from monoscope import __version__, concept_comparison, store
 from monoscope.config import NEURONS, hook_name
 from monoscope.lm_weights import LMWeights, read_weights
 from monoscope.probes import DEFAULT_CONCEPTS, ConceptLabeler, auroc_from_histograms, compile_concepts
@@ -55,7 +60,7 @@ class FeatureSettings:
     quantile_bins: int = 8  # activation intervals (equal width on [0, max]) sampled from
     per_bin: int = 3  # sequences sampled per interval
     context_tokens: int = 8  # tokens shown either side of the example's activating token
-    histogram_bins: int = 32  # activation histogram bins per unit (also the AUROC resolution)
+    histogram_bins: int = 32  # activation histogram bins per unit (also the resolution of the all-token AUROC)
     logit_tokens: int = 10  # top and bottom tokens of the logit weights
     neighbours: int = 8  # neurons listed per feature, features per neuron
     ablation_top: int = 16  # ablate this many of the densest units
@@ -67,6 +72,12 @@ class FeatureSettings:
     rare_sample: int = 2048  # features sampled per group for the similarity figure
     seed: int = 0
     concepts: list[dict[str, str]] = field(default_factory=lambda: [dict(c) for c in DEFAULT_CONCEPTS])
+    probe_seqs: int = 2048  # held-out sequences whose exact activations the held-out comparison keeps
+    probe_report_fraction: float = 0.5  # of those, the report part; the rest is the selection part
+    probe_k: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])  # units per k-sparse probe
+    probe_bootstrap: int = 200  # resamples of the report part's sequences for the AUROC intervals
+    specificity_thresholds: list[float] = field(default_factory=lambda: [0.2, 0.5, 0.8])  # tau: activation > tau * max
+    specificity_min_tokens: int = 10  # a unit counts at a tau when this many report tokens pass it
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> FeatureSettings:
@@ -82,6 +93,17 @@ class FeatureSettings:
         for key in ("top_k", "quantile_bins", "per_bin", "histogram_bins", "logit_tokens", "neighbours", "block_mib"):
             if getattr(settings, key) < 1:
                 raise ValueError(f"config key 'features.{key}' must be at least 1, got {getattr(settings, key)}")
+        for key in ("probe_seqs", "specificity_min_tokens"):
+            if getattr(settings, key) < 1:
+                raise ValueError(f"config key 'features.{key}' must be at least 1, got {getattr(settings, key)}")
+        if not 0 < settings.probe_report_fraction < 1:
+            raise ValueError(f"config key 'features.probe_report_fraction' must be in (0, 1), got {settings.probe_report_fraction}")
+        if not settings.probe_k or min(settings.probe_k) < 1:
+            raise ValueError(f"config key 'features.probe_k' needs k values of at least 1, got {settings.probe_k}")
+        if settings.probe_bootstrap < 0:
+            raise ValueError(f"config key 'features.probe_bootstrap' must be >= 0, got {settings.probe_bootstrap}")
+        if not settings.specificity_thresholds or not all(0 <= t < 1 for t in settings.specificity_thresholds):
+            raise ValueError(f"config key 'features.specificity_thresholds' needs values in [0, 1), got {settings.specificity_thresholds}")
         if settings.context_tokens < 0:
             raise ValueError(f"config key 'features.context_tokens' must be >= 0, got {settings.context_tokens}")
         compile_concepts(settings.concepts)
@@ -155,10 +177,13 @@ class _Examples:
 class StreamingAnalysis:
     """Everything the one pass over the held-out activations accumulates; see the module docstring."""
 
-    def __init__(self, d_sae: int, settings: FeatureSettings, upper: torch.Tensor, n_concepts: int):
+    def __init__(self, d_sae: int, settings: FeatureSettings, upper: torch.Tensor, n_concepts: int,
+                 probe_sample: concept_comparison.ProbeSample | None = None):
         """upper [d_sae]: the top of the histogram and of the quantile intervals (the evaluation's maximum;
-        larger activations count in the top bin), fixed before the pass so results do not depend on block size."""
+        larger activations count in the top bin), fixed before the pass so results do not depend on block size.
+        probe_sample: keeps the exact activations of the held-out comparison's sequences."""
         self.settings = settings
+        self.probe_sample = probe_sample
         self.d_sae = d_sae
         self.upper = upper.float().clamp_min(1e-6)
         n_bins = settings.histogram_bins + 1
@@ -195,6 +220,8 @@ class StreamingAnalysis:
             entry, concept = labels[token].nonzero(as_tuple=True)  # active entries on tokens a concept labels
             size = self.active_concept_histograms.shape[1]
             self.active_concept_histograms.view(-1).index_add_(0, bins[entry] + concept * size, torch.ones_like(entry))
+            if self.probe_sample is not None:
+                self.probe_sample.add(self.n_seq, f, labels.view(b, s, -1))
 
         seq_max = f.amax(dim=1)  # [b, d]
         self.max = torch.maximum(self.max, seq_max.amax(0))
@@ -283,10 +310,14 @@ def run_pass(dictionary, stores, settings: FeatureSettings, upper: torch.Tensor,
              device: str = "cpu", desc: str = "features", codes: Codes | None = None) -> tuple[StreamingAnalysis, np.ndarray]:
     """The streaming pass; also returns the held-out tokens read, int32 [n_seq, context] (to render examples)."""
     n_concepts = len(labeler.concepts) if labeler else 0
-    analysis = StreamingAnalysis(dictionary.d_sae, settings, upper, n_concepts)
+    total = min(settings.max_seqs or np.inf, sum(s.n_seq for s in stores))
+    probe_sample = None
+    if n_concepts:  # the same seed and held-out stores give every dictionary the same split
+        split = concept_comparison.split_sequences(total, settings.probe_seqs, settings.probe_report_fraction, settings.seed)
+        probe_sample = concept_comparison.ProbeSample(split, dictionary.d_sae, n_concepts)
+    analysis = StreamingAnalysis(dictionary.d_sae, settings, upper, n_concepts, probe_sample)
     block = seqs_per_block(dictionary.d_sae, stores[0].context, settings.block_mib)
     token_blocks = []
-    total = settings.max_seqs or sum(s.n_seq for s in stores)
     progress = tqdm(total=total, desc=desc, mininterval=10)
     for tokens, f in iter_unit_blocks(dictionary, stores, block, settings.max_seqs, device, codes):
         labels = torch.from_numpy(labeler(tokens)) if labeler else None
@@ -500,17 +531,22 @@ def analyse(name, dictionary, stores, settings: FeatureSettings, upper, labeler,
         "max_activation": analysis.max.numpy(),
     })
     aurocs = analysis.aurocs()  # [C, d_sae]
-    concept_summary = {}
+    concept_summary, held_out = {}, None
     if len(labeler.concepts):
         filled = np.nan_to_num(aurocs, nan=-1.0)
         best_concept = filled.argmax(0)
-        units["best_concept"] = [labeler.names[c] for c in best_concept]
+        units["best_concept"] = [labeler.names[c] for c in best_concept]  # describes a unit: all tokens, binned
         units["best_concept_auroc"] = filled.max(0)
         for c, concept in enumerate(labeler.names):
             units[f"auroc_{concept}"] = aurocs[c]
-            best = int(filled[c].argmax())
+        start = time.perf_counter()
+        held_out = held_out_comparison(analysis, labeler.names, settings, units)
+        timings["held_out_s"] = time.perf_counter() - start
+        for c, concept in enumerate(labeler.names):
+            single = held_out["concepts"][concept]["single_unit"] or {}
             concept_summary[concept] = {"positive_fraction": float(analysis.concept_tokens[c]) / analysis.n_tokens,
-                                        "best_unit": best, "best_auroc": float(aurocs[c, best])}
+                                        "best_unit": single.get("unit"), "best_auroc": single.get("auroc", float("nan")),
+                                        "sparse_probe": held_out["concepts"][concept]["sparse_probe"]}
 
     start = time.perf_counter()
     directions = unit_directions(dictionary, device)  # [d_sae, d_in]
@@ -564,13 +600,30 @@ def analyse(name, dictionary, stores, settings: FeatureSettings, upper, labeler,
         "n_tokens": analysis.n_tokens,
         "n_seq": analysis.n_seq,
         "logit_weights": logit_note if weights.get("logit_top_ids") is not None else f"none: {logit_note}",
-        "concepts": concept_summary,
+        "concepts": concept_summary,  # held out: best unit chosen on the selection part, scored on the report part
+        "held_out": held_out,
         "ablated_units": ablated,
         "clean_vs_ablation": "loss(unit zeroed) - loss(clean), mean nats per token",
         "rare_features": {k: v for k, v in (rare or {}).items() if not k.endswith("_nearest_cos")} or None,
         "timings": timings,
     }
     return {"units": units, "examples": examples, "weights": weights, "summary": summary, "rare": rare}
+
+
+def held_out_comparison(analysis: StreamingAnalysis, names: Sequence[str], settings: FeatureSettings,
+                        units: pd.DataFrame) -> dict[str, Any]:
+    """monoscope.concept_comparison on the pass's probe sample; adds each unit's held-out exact AUROC per concept
+    and its specificity per threshold to `units`, returns the per-concept and specificity summaries."""
+    selection, report = analysis.probe_sample.finish()
+    result = concept_comparison.compare(selection, report, names, settings.probe_k, settings.specificity_thresholds,
+                                        settings.specificity_min_tokens, settings.probe_bootstrap, settings.seed)
+    for c, concept in enumerate(names):
+        units[f"heldout_auroc_{concept}"] = result["units"]["exact_auroc_report"][c]
+    for tau, values in result["units"]["specificity"].items():
+        units[f"specific_concept_tau{tau:g}"] = [names[c] for c in values["concept"]]
+        units[f"specific_precision_tau{tau:g}"] = values["precision"]
+        units[f"specific_recall_tau{tau:g}"] = values["recall"]
+    return {key: value for key, value in result.items() if key != "units"}
 
 
 def write_outputs(result: dict[str, Any], out_dir: str | Path, provenance: dict[str, Any]) -> None:

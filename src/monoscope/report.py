@@ -46,6 +46,7 @@ th:first-child, td:first-child { text-align: left; }
 tr.neurons td { background: #f4f4f8; font-style: italic; }
 img { max-width: 100%; }
 code { background: #f4f4f4; padding: 0 .2rem; }
+.ci { color: #777; font-size: 85%; }
 """
 
 
@@ -122,13 +123,90 @@ def capacity_plot(metrics: list[dict[str, Any]], out_png: Path) -> None:
     plt.close(fig)
 
 
+# --- features versus neurons on the concept labels, held out (from the features jobs' summaries) -----------
+
+
+def _probe(summary: dict[str, Any], concept: str, k: str) -> dict[str, Any] | None:
+    entry = summary.get("concepts", {}).get(concept) or {}
+    return (entry.get("sparse_probe") or {}).get(k)
+
+
+def comparison_sentence(name: str, neurons: dict[str, Any], features: dict[str, Any], ks: list[str]) -> str:
+    """One plain sentence: on how many concepts the dictionary's k-sparse probe beats the neurons' at each k,
+    and on how many of those the 95 % intervals do not overlap."""
+    parts = []
+    for k in ks:
+        wins = clear_wins = clear_losses = counted = 0
+        for concept in neurons.get("concepts", {}):
+            a, b = _probe(features, concept, k), _probe(neurons, concept, k)
+            if not a or not b:
+                continue
+            counted += 1
+            wins += a["auroc"] > b["auroc"]
+            clear_wins += a["ci_low"] > b["ci_high"]
+            clear_losses += a["ci_high"] < b["ci_low"]
+        parts.append(f"on {wins} of {counted} concepts at k = {k} ({clear_wins} with the 95 % intervals apart; "
+                     f"neurons ahead with the intervals apart on {clear_losses})")
+    return f"{name}: features beat neurons " + ", and ".join(parts) + "."
+
+
+def concept_section(summaries: dict[str, dict[str, Any]]) -> str:
+    """HTML: per concept and dictionary, held-out AUROC of the k-sparse probes at the smallest and largest k,
+    with bootstrap intervals; one sentence per dictionary; the specificity distribution per dictionary."""
+    if NEURONS not in summaries or not summaries[NEURONS].get("held_out"):
+        return ""
+    e = html.escape
+    neurons = summaries[NEURONS]
+    settings = neurons["settings"]
+    ks = [str(k) for k in sorted({min(settings["probe_k"]), max(settings["probe_k"])})]
+    names = [NEURONS] + [n for n in summaries if n != NEURONS]
+    held = neurons["held_out"]
+    out = [f"""<h2 id="concepts">Features versus neurons on concepts (held out)</h2>
+<p>Each concept is a regular expression labelling tokens in context. The {held['selection_seqs'] + held['report_seqs']:,}
+sampled held-out sequences are split by sequence into a selection part ({held['selection_seqs']:,} sequences) and a
+report part ({held['report_seqs']:,} sequences, {held['report_tokens']:,} tokens). A <em>k-sparse probe</em>
+(Gurnee et al. 2023) takes the k units with the largest difference of mean activation between positives and
+negatives on the selection part and fits a logistic regression on them there; the table gives its AUROC on the
+report part, with a 95 % bootstrap interval over the report part's sequences. A dense unit that ranks every
+token is no longer favoured over a concept split across several sparse features, and the best of 4,096 is not
+chosen on the tokens it is scored on.</p>"""]
+    out.append("<ul>" + "".join(f"<li>{e(comparison_sentence(n, neurons, summaries[n], ks))}</li>" for n in names[1:]) + "</ul>")
+    header = "".join(f'<th colspan="{len(ks)}">{e(n)}</th>' for n in names)
+    sub = "".join(f"<th>k = {k}</th>" for _ in names for k in ks)
+    rows = []
+    for concept, entry in neurons["concepts"].items():
+        cells = []
+        for n in names:
+            for k in ks:
+                probe = _probe(summaries[n], concept, k)
+                cells.append("<td>–</td>" if not probe else
+                             f'<td>{probe["auroc"]:.3f} <span class="ci">[{probe["ci_low"]:.3f}, {probe["ci_high"]:.3f}]</span></td>')
+        rows.append(f'<tr><td>{e(concept)}</td><td>{entry["positive_fraction"]:.3f}</td>{"".join(cells)}</tr>')
+    out.append(f'<table id="concept-probes"><thead><tr><th rowspan="2">concept</th><th rowspan="2">token share</th>{header}</tr>'
+               f'<tr>{sub}</tr></thead><tbody>{"".join(rows)}</tbody></table>')
+    taus = list(held["specificity"])
+    spec_rows = []
+    for n in names:
+        spec = summaries[n]["held_out"]["specificity"]
+        cells = "".join(f'<td>{spec[t]["units_at_least_90_percent"]} / {spec[t]["units_counted"]}</td>' for t in taus)
+        spec_rows.append(f'<tr><td>{e(n)}</td><td>{summaries[n]["d_sae"]}</td>{cells}</tr>')
+    out.append(f"""<p>Specificity (<em>Towards Monosemanticity</em>): each unit's concept is the one it is most specific
+to on the selection part; on the report part, P(concept | activation &gt; τ · max). Units ≥ 90 % specific, of the
+units with at least {settings['specificity_min_tokens']} report tokens above the threshold:</p>
+<table id="specificity"><thead><tr><th>dictionary</th><th>units</th>{"".join(f"<th>τ = {e(t)}</th>" for t in taus)}</tr></thead>
+<tbody>{"".join(spec_rows)}</tbody></table>""")
+    return "\n".join(out)
+
+
 def write_report(
     config: dict[str, Any],
     eval_dirs: dict[str, str | Path],
     lm_summary: dict[str, Any] | None,
     out_dir: str | Path,
+    feature_summaries: dict[str, dict[str, Any]] | None = None,
 ) -> Path:
-    """Write index.html and its figures; `eval_dirs` maps dictionary name -> its results/eval folder."""
+    """Write index.html and its figures; `eval_dirs` maps dictionary name -> its results/eval folder,
+    `feature_summaries` name -> its results/features summary.json (the held-out concept comparison)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     metrics, tables = [], {}
@@ -180,6 +258,7 @@ A dictionary's capacity is its live count.</p>
 </tbody></table>
 <h2>Capacity: live features against dictionary size</h2>
 <img src="capacity.png" alt="live features against dictionary size">
+{concept_section(feature_summaries or {})}
 <h2>Sparsity against fidelity</h2>
 <img src="pareto.png" alt="L0 against reconstruction score">
 <h2>Feature density</h2>

@@ -198,9 +198,11 @@ def _top_index(names: Sequence[str], all_feats: dict[str, dict], scores: dict[st
     parts.append("</table>")
     concepts = list(next(iter(all_feats.values()))["summary"]["concepts"])
     if concepts:
-        parts.append("<h2>Concept probes: best unit AUROC per concept</h2><p class=\"muted\">Each concept is a regular "
-                     "expression labelling tokens in context; a unit's AUROC says how well its activation alone separates "
-                     "those tokens from the rest (0.5 chance, 1 perfect). An LLM-free measure of monosemanticity.</p>"
+        parts.append("<h2>Concept probes: best unit AUROC per concept, held out</h2><p class=\"muted\">Each concept is a "
+                     "regular expression labelling tokens in context; a unit's AUROC says how well its activation alone "
+                     "separates those tokens from the rest (0.5 chance, 1 perfect). The best unit is chosen on one part of "
+                     "the sampled held-out sequences and its exact AUROC measured on the other; k-sparse probes are in the "
+                     "report. A unit's page shows its AUROC on all held-out tokens (binned).</p>"
                      '<table id="concept-table"><tr><th>concept</th><th>token share</th>'
                      + "".join(f"<th>{e(n)}</th>" for n in names) + "</tr>")
         for concept in concepts:

@@ -38,13 +38,15 @@ rule compare_autointerp:
         scores=expand("results/autointerp/{name}/scores.csv", name=DICTIONARIES),
         simulations=expand("results/autointerp/{name}/simulations.jsonl", name=DICTIONARIES),
         usage=expand("results/autointerp/{name}/usage.json", name=DICTIONARIES),
+        weights=expand("results/features/{name}/weights.npz", name=DICTIONARIES),
+        tokenizer="results/tokenizer/tokenizer_config.json",
         filled=sorted(glob.glob(os.path.join(config["autointerp"]["ratings_dir"], "*.csv"))),
     output:
         comparison="results/autointerp/comparison.json",
         plot="results/autointerp/comparison.png",
         sheet="results/autointerp/ratings/rating_sheet.csv",
         form="results/autointerp/ratings/rating_sheet.html",
-        key="results/autointerp/ratings/ratings_key.csv",
+        key="results/autointerp/ratings_key.csv",  # outside ratings/, the folder handed to raters
     params:
         autointerp=config["autointerp"],
         names=DICTIONARIES,

@@ -2,6 +2,7 @@ rule report:
     input:
         metrics=expand("results/eval/{name}/metrics.json", name=DICTIONARIES),
         model="results/model/model.json",
+        feature_summaries=expand("results/features/{name}/summary.json", name=DICTIONARIES),
     output:
         index="results/report/index.html",
         summary="results/report/summary.json",

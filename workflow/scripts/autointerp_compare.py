@@ -2,6 +2,7 @@ from pathlib import Path
 
 from monoscope.autointerp.pipeline import AutointerpSettings, run_comparison
 from monoscope.runtime import start_job
+from monoscope.tokenize import token_strings
 
 start_job(snakemake)
 run_comparison(
@@ -10,4 +11,7 @@ run_comparison(
     snakemake.output.plot,
     Path(snakemake.output.sheet).parent,
     AutointerpSettings.from_config(snakemake.params.autointerp),
+    key_path=snakemake.output.key,
+    weights_paths=dict(zip(snakemake.params.names, snakemake.input.weights)),
+    strings=token_strings(Path(snakemake.input.tokenizer).parent),
 )

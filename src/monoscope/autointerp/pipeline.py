@@ -22,15 +22,18 @@ from tqdm import tqdm
 
 from monoscope.atomic import atomic_open
 
+from .classify import SCORERS, balanced_accuracy, classify, detection_examples, fuzzing_examples
 from .client import BudgetExceeded, ClientConfig, LLMClient, RequestFailed, job_cache_path
 from .explain import explain
-from .records import UnitRecords, collect_records
+from .records import SAMPLINGS, UnitRecords, collect_records
 from .score import correlation_scores
 from .simulate import METHODS, BadAnswer, detect_method, simulate_record
 
 log = logging.getLogger(__name__)
 
-SCORE_COLUMNS = ["unit", "status", "spearman", "pearson", "n_tokens", "unparsed", "explanation", "reason"]
+SCORE_COLUMNS = ["unit", "status", "spearman", "pearson", "detection", "fuzzing", "n_tokens", "unparsed", "explanation",
+                 "reason"]
+SCORE_METRICS = ("spearman", "pearson", "detection", "fuzzing")
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,8 @@ class AutointerpSettings:
     n_quantile: int = 5
     quantile_pool: int = 200
     record_len: int | None = 32
+    sampling: str = "bills"
+    scorers: tuple[str, ...] = SCORERS
     seqs_per_block: int = 64
     simulation_method: str = "auto"
     top_logprobs: int = 15
@@ -71,7 +76,11 @@ class AutointerpSettings:
         unknown = sorted(set(section) - known - {"enabled"})
         if unknown:
             raise ValueError(f"unknown autointerp config key(s): {', '.join(unknown)}")
-        settings = cls(**{k: v for k, v in section.items() if k in known})
+        settings = cls(**{k: tuple(v) if k == "scorers" else v for k, v in section.items() if k in known})
+        if not settings.scorers or set(settings.scorers) - set(SCORERS):
+            raise ValueError(f"autointerp.scorers must be a non-empty subset of {SCORERS}, got {list(settings.scorers)}")
+        if settings.sampling not in SAMPLINGS:
+            raise ValueError(f"autointerp.sampling must be one of {SAMPLINGS}, got {settings.sampling!r}")
         if settings.simulation_method not in METHODS:
             raise ValueError(f"autointerp.simulation_method must be one of {METHODS}, got {settings.simulation_method!r}")
         return settings
@@ -149,13 +158,22 @@ async def _interpret_unit(client, unit: UnitRecords, strings, settings, method) 
             lambda attempt: explain(client, unit, strings, max_tokens=settings.explanation_max_tokens,
                                     attempt=attempt), settings.bad_answer_retries)
         stage = "simulate"
-        simulations = await _gather_or_cancel(
-            _retry_bad_answers(
-                lambda attempt, r=record: simulate_record(client, method, result["explanation"],
-                                                          [strings[t] for t in r.tokens],
-                                                          top_logprobs=settings.top_logprobs, attempt=attempt),
-                settings.bad_answer_retries)
-            for record in unit.scoring)
+        simulations = []
+        if "simulation" in settings.scorers:
+            simulations = await _gather_or_cancel(
+                _retry_bad_answers(
+                    lambda attempt, r=record: simulate_record(client, method, result["explanation"],
+                                                              [strings[t] for t in r.tokens],
+                                                              top_logprobs=settings.top_logprobs, attempt=attempt),
+                    settings.bad_answer_retries)
+                for record in unit.scoring)
+        stage = "classify"
+        examples = ((detection_examples(unit, strings) if "detection" in settings.scorers else [])
+                    + (fuzzing_examples(unit, strings, settings.seed) if "fuzzing" in settings.scorers else []))
+        answers = await _gather_or_cancel(
+            _retry_bad_answers(lambda attempt, e=example: classify(client, e, result["explanation"], attempt),
+                               settings.bad_answer_retries)
+            for example in examples)
     except (BadAnswer, RequestFailed, BudgetExceeded) as error:
         kind = {BadAnswer: "bad_answer", RequestFailed: "request_failed", BudgetExceeded: "budget"}[type(error)]
         return result | {"status": f"failed_{kind}", "reason": client.redact(f"{stage}: {error}")}
@@ -169,6 +187,14 @@ async def _interpret_unit(client, unit: UnitRecords, strings, settings, method) 
             "true_quantised": unit.quantised(record), "predicted": simulation.predicted,
             "unparsed": simulation.unparsed,
         })
+    result["classifications"] = [{"scorer": e.scorer, "kind": e.record.kind, "sequence": e.record.sequence, "text": e.text,
+                                  "label": e.label, "answer": answer} for e, answer in zip(examples, answers)]
+    for scorer in ("detection", "fuzzing"):
+        if scorer in settings.scorers:
+            pairs = [(c["label"], c["answer"]) for c in result["classifications"] if c["scorer"] == scorer]
+            result[scorer] = balanced_accuracy(*zip(*pairs)) if pairs else math.nan
+    if "simulation" not in settings.scorers:
+        return result | {"spearman": math.nan, "pearson": math.nan, "status": "ok", "reason": ""}
     scores = correlation_scores([s["predicted"] for s in result["simulations"]],
                                 [s["true"] for s in result["simulations"]])
     status = "ok" if not math.isnan(scores["spearman"]) else "constant_truth"
@@ -228,7 +254,7 @@ def run_dictionary(activation_paths: Sequence[str | Path], name: str, sae_dir: s
     records = collect_records(feature_blocks(), units, n_top=settings.n_top, n_random=settings.n_random,
                               n_quantile=settings.n_quantile, n_explain=settings.n_explain,
                               record_len=settings.record_len, seed=settings.seed,
-                              quantile_pool=settings.quantile_pool)
+                              quantile_pool=settings.quantile_pool, sampling=settings.sampling)
     cache_path = job_cache_path(settings.cache_path, name)  # one writer per cache file (see client)
     results, usage = asyncio.run(_run(records, token_strings(tokenizer_dir), settings, cache_path))
     usage |= {"dictionary": name, "units": len(units), "elapsed_s": round(time.monotonic() - started, 3)}
@@ -244,15 +270,17 @@ def write_results(results: Sequence[dict], usage: dict, out_dir: str | Path) -> 
             f.write(json.dumps({k: r.get(k) for k in ("unit", "status", "explanation", "reason", "max_act")}) + "\n")
     with atomic_open(out / "simulations.jsonl", newline="") as f:
         for r in results:
-            f.write(json.dumps({"unit": r["unit"], "explanation": r["explanation"], "records": r["simulations"]}) + "\n")
+            f.write(json.dumps({"unit": r["unit"], "explanation": r["explanation"], "records": r["simulations"],
+                                "classifications": r.get("classifications", [])}) + "
+")
     with atomic_open(out / "scores.csv", newline="") as f:
         writer = csv.DictWriter(f, SCORE_COLUMNS)
         writer.writeheader()
         for r in results:
             n_tokens = sum(len(s["true"]) for s in r["simulations"])
             unparsed = sum(s["unparsed"] for s in r["simulations"])
-            writer.writerow({"unit": r["unit"], "status": r["status"], "spearman": r.get("spearman", math.nan),
-                             "pearson": r.get("pearson", math.nan), "n_tokens": n_tokens, "unparsed": unparsed,
+            writer.writerow({"unit": r["unit"], "status": r["status"], **{m: r.get(m, math.nan) for m in SCORE_METRICS},
+                             "n_tokens": n_tokens, "unparsed": unparsed,
                              "explanation": r["explanation"] or "", "reason": r.get("reason", "")})
     with atomic_open(out / "usage.json", newline="") as f:
         f.write(json.dumps(usage, indent=2, sort_keys=True) + "\n")
@@ -263,7 +291,8 @@ def read_scores(path: str | Path) -> list[dict[str, Any]]:
         rows = list(csv.DictReader(f))
     for row in rows:
         row["unit"] = int(row["unit"])
-        row["spearman"], row["pearson"] = float(row["spearman"]), float(row["pearson"])
+        for metric in SCORE_METRICS:  # a table written before detection and fuzzing lacks them: NaN
+            row[metric] = float(row.get(metric) or "nan")
     return rows
 
 
@@ -275,10 +304,29 @@ def _examples_text(simulation_records: Sequence[dict], n: int = 3) -> str:
     return "\n".join(lines)
 
 
+def logit_weights_text(weights_path: str | Path | None, strings: Sequence[str] | None, n: int = 8) -> dict[int, str]:
+    """unit -> "raises: a, b, ... | lowers: c, d, ..." from a features job's weights.npz (empty without one)."""
+    if weights_path is None or strings is None or not Path(weights_path).exists():
+        return {}
+    with np.load(weights_path) as weights:
+        if "logit_top_ids" not in weights:
+            return {}
+        top, bottom = weights["logit_top_ids"][:, :n], weights["logit_bottom_ids"][:, :n]
+
+    def tokens(ids):
+        return ", ".join(repr(strings[int(t)]) for t in ids)
+
+    return {unit: f"raises: {tokens(top[unit])} | lowers: {tokens(bottom[unit])}" for unit in range(len(top))}
+
+
 def run_comparison(result_dirs: dict[str, str | Path], out_json: str | Path, out_png: str | Path,
-                   ratings_out_dir: str | Path, settings: AutointerpSettings) -> dict:
-    """Features vs neurons: bootstrap CIs per dictionary, the plot, a blind rating sheet, and any filled
-    sheets found in ``settings.ratings_dir`` ingested under ``human_ratings``."""
+                   ratings_out_dir: str | Path, settings: AutointerpSettings, key_path: str | Path | None = None,
+                   weights_paths: dict[str, str | Path] | None = None, strings: Sequence[str] | None = None) -> dict:
+    """Features vs neurons: bootstrap CIs per dictionary, the plot, a blind rating sheet (with each unit's
+    logit weights from ``weights_paths``, the features jobs' weights.npz), and any filled sheets found in
+    ``settings.ratings_dir`` ingested under ``human_ratings``. The answer key goes to ``key_path`` (default:
+    ratings_key.csv beside the raters' folder, never inside it)."""
+    key_path = Path(key_path) if key_path is not None else Path(ratings_out_dir).parent / "ratings_key.csv"
     from .ratings import export_sheet, ingest_ratings
     from .score import compare_dictionaries, plot_comparison
 
@@ -286,14 +334,15 @@ def run_comparison(result_dirs: dict[str, str | Path], out_json: str | Path, out
     summary = {"scores": compare_dictionaries(scores, n_boot=settings.bootstrap_samples, seed=settings.seed)}
     items = []
     for name, directory in result_dirs.items():
+        logits = logit_weights_text((weights_paths or {}).get(name), strings)
         with open(Path(directory) / "simulations.jsonl", encoding="utf-8") as f:
             for line in f:
                 row = json.loads(line)
                 if row["explanation"]:
                     items.append({"dictionary": name, "unit": row["unit"], "explanation": row["explanation"],
-                                  "examples": _examples_text(row["records"])})
-    export_sheet(items, ratings_out_dir, seed=settings.seed)
-    summary["human_ratings"] = ingest_ratings(settings.ratings_dir, Path(ratings_out_dir) / "ratings_key.csv")
+                                  "examples": _examples_text(row["records"]), "logit_weights": logits.get(row["unit"], "")})
+    export_sheet(items, ratings_out_dir, key_path, seed=settings.seed)
+    summary["human_ratings"] = ingest_ratings(settings.ratings_dir, key_path)
     summary["usage"] = {name: json.loads((Path(d) / "usage.json").read_text()) for name, d in result_dirs.items()}
     plot_comparison(summary["scores"], out_png)
     with atomic_open(Path(out_json), newline="") as f:

@@ -47,19 +47,31 @@ def format_record(pairs: Sequence[tuple[str, int | str]]) -> str:
     return f"<start>\n{lines}<end>\n"
 
 
+REPEAT_NON_ZERO_BELOW = 0.2  # Bills repeat the non-zero activations only when fewer tokens than this are non-zero
+
+
 def _non_zero(pairs: Sequence[tuple[str, int]]) -> str:
     """Bills repeat the non-zero activations after the records so the model need not search for them."""
     return "".join(f"{display_token(token)}\t{value}\n" for token, value in pairs if value)
 
 
+def non_zero_fraction(records: Sequence[Sequence[tuple[str, int]]]) -> float:
+    values = [value for record in records for _, value in record]
+    return sum(1 for v in values if v) / max(1, len(values))
+
+
 def explanation_messages(records: Sequence[Sequence[tuple[str, int]]], unit_label: str = "Neuron 1") -> list[dict]:
-    """Chat messages asking for one explanation of ``records`` (each a list of (token, 0..10))."""
+    """Chat messages asking for one explanation of ``records`` (each a list of (token, 0..10)). The
+    "all zeros filtered out" repeat is added only when fewer than 20 % of the tokens are non-zero, as
+    Bills et al. do: for a dense unit it would repeat most of the records."""
     def user(records_, label):
         body = "".join(format_record(r) for r in records_)
-        same = "".join(_non_zero(r) for r in records_)
-        return (f"{label}\nActivations:\n{body}\nSame activations, but with all zeros filtered out:\n"
-                f"<start>\n{same}<end>\n\nExplanation of {label.lower()} behavior: the main thing this "
-                f"neuron does is find")
+        repeat = ""
+        if non_zero_fraction(records_) < REPEAT_NON_ZERO_BELOW:
+            same = "".join(_non_zero(r) for r in records_)
+            repeat = f"\nSame activations, but with all zeros filtered out:\n<start>\n{same}<end>\n"
+        return (f"{label}\nActivations:\n{body}{repeat}\nExplanation of {label.lower()} behavior: the main thing "
+                f"this neuron does is find")
 
     return [
         {"role": "system", "content": EXPLAIN_SYSTEM},

@@ -7,12 +7,13 @@ Rubric (from the seed, 1 = not at all … 5 = completely), one row per explained
 - logit_consistency: how consistent the unit's logit weights are with the explanation;
 - specificity: how specific the explanation is (a narrow concept, not "common words").
 
-The sheet is blind: items are shuffled (seeded) and carry an opaque id; ``ratings_key.csv`` beside it
-maps ids to (dictionary, unit) and is what ingestion joins on, so raters cannot tell features from
-neurons. The id is a digest of (seed, dictionary, unit, explanation), so it is the same in every run
-that rates the same explanation, and a sheet filled for an earlier explanation of a unit (or for
-another unit) matches no id of the new key: it is counted as stale, never attributed to whichever
-unit now sits at its position.
+The sheet is blind: items are shuffled (seeded) and carry an opaque id; the answer key maps ids to
+(dictionary, unit) and is what ingestion joins on. It is written outside the folder handed to raters,
+so they cannot tell features from neurons. Each item shows the unit's top and bottom logit weights,
+which the logit_consistency question asks about. The id is a digest of (seed, dictionary, unit,
+explanation), so it is the same in every run that rates the same explanation, and a sheet filled for an
+earlier explanation of a unit (or for another unit) matches no id of the new key: it is counted as
+stale, never attributed to whichever unit now sits at its position.
 
 Cells a spreadsheet would run as a formula (starting with =, +, -, @, tab or CR) are written with a
 leading apostrophe; sheets saved by Excel with a byte-order mark are read as plain UTF-8.
@@ -41,22 +42,26 @@ RUBRIC = {
     "specificity": "How specific is the explanation?",
 }
 SCALE = range(1, 6)
-SHEET_COLUMNS = ["item", "explanation", "examples", *RUBRIC, "comment"]
+SHEET_COLUMNS = ["item", "explanation", "examples", "logit_weights", *RUBRIC, "comment"]
 
 
-def export_sheet(items: Sequence[Mapping], out_dir: str | Path, seed: int = 0) -> None:
-    """items: dicts with ``dictionary``, ``unit``, ``explanation``, ``examples`` (text with the top records).
+def export_sheet(items: Sequence[Mapping], out_dir: str | Path, key_path: str | Path, seed: int = 0) -> None:
+    """items: dicts with ``dictionary``, ``unit``, ``explanation``, ``examples`` (text with the top records)
+    and ``logit_weights`` (text: the tokens the unit's direct logit effect raises and lowers most).
 
-    Writes ``rating_sheet.csv`` (blank rubric columns), ``rating_sheet.html`` (the same as a form that
-    downloads the filled CSV) and ``ratings_key.csv``.
+    Writes ``rating_sheet.csv`` (blank rubric columns) and ``rating_sheet.html`` (the same as a form that
+    downloads the filled CSV) to out_dir, and the answer key to key_path, which must lie outside out_dir.
     """
-    out = Path(out_dir)
+    out, key_path = Path(out_dir), Path(key_path)
+    if key_path.resolve().is_relative_to(out.resolve()):
+        raise ValueError(f"the answer key {key_path} must lie outside the raters' folder {out}")
     out.mkdir(parents=True, exist_ok=True)
+    key_path.parent.mkdir(parents=True, exist_ok=True)
     order = np.random.default_rng(seed).permutation(len(items))
     rows = [{"item": item_id(seed, items[j]), **items[j]} for j in order]
     if len({r["item"] for r in rows}) != len(rows):
         raise ValueError("two rating items share a dictionary, unit and explanation")
-    with atomic_open(out / "ratings_key.csv", newline="") as f:
+    with atomic_open(key_path, newline="") as f:
         writer = csv.DictWriter(f, ["item", "dictionary", "unit"])
         writer.writeheader()
         writer.writerows({k: r[k] for k in ("item", "dictionary", "unit")} for r in rows)
@@ -64,7 +69,8 @@ def export_sheet(items: Sequence[Mapping], out_dir: str | Path, seed: int = 0) -
         writer = csv.DictWriter(f, SHEET_COLUMNS)
         writer.writeheader()
         writer.writerows({"item": r["item"], "explanation": spreadsheet_safe(r["explanation"]),
-                          "examples": spreadsheet_safe(r["examples"])} for r in rows)
+                          "examples": spreadsheet_safe(r["examples"]),
+                          "logit_weights": spreadsheet_safe(r.get("logit_weights", ""))} for r in rows)
     write_text(out / "rating_sheet.html", _html_form(rows))
 
 
@@ -89,7 +95,7 @@ def _html_form(rows: Sequence[Mapping]) -> str:
 
     blocks = "".join(
         f'<fieldset><legend>{html.escape(r["item"])}</legend><p><b>Explanation:</b> {html.escape(r["explanation"])}</p>'
-        f'<pre>{html.escape(r["examples"])}</pre>'
+        f'<pre>{html.escape(r["examples"])}</pre><p><b>Logit weights:</b> {html.escape(r.get("logit_weights") or "none")}</p>'
         + "<br>".join(select(r["item"], name) for name in RUBRIC)
         + f'<br><label>Comment <input name="{r["item"]}|comment" size="60"></label></fieldset>'
         for r in rows)

@@ -10,8 +10,12 @@ selected unit, three bounded "keep the k best by key" pools of whole sequences:
 
 Memory is ``O(units · pool sizes · context)``, independent of the number of tokens streamed.
 Records are then cut to ``record_len`` tokens (around the maximum for top/quantile, at a random place
-for random) and split into an explanation set (top records) and a scoring set (the other top records
-plus random and quantile records), as in Bills et al. 2023.
+for random) and split into an explanation set and a scoring set (``SAMPLINGS``):
+
+- ``bills`` (Bills et al. 2023, neuron-explainer's interleaved splits): the top records ranked 0, 4, 8, ...
+  explain, those ranked 2, 6, 10, ... are scored together with as many random records (top : random 1:1);
+- ``top_random_quantile`` (monoscope's first scheme): explain on top ranks 0, 2, 4, ...; score every other
+  top record plus ``n_random`` random and ``n_quantile`` quantile records (mostly active sequences).
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 
 MAX_QUANTISED = 10
+SAMPLINGS = ("bills", "top_random_quantile")
+BILLS_SPLITS = 4  # neuron-explainer's top-record splits: train (explain), calibration, valid (score), test
 
 
 @dataclass(frozen=True)
@@ -102,17 +108,19 @@ def collect_records(
     record_len: int | None = 32,
     seed: int = 0,
     quantile_pool: int = 200,
+    sampling: str = "bills",
 ) -> list[UnitRecords]:
     """Stream activation blocks once and return records for each unit in ``units`` (same order).
 
     blocks: ``(tokens [b, context] int32, acts [b, context, n_units_total] float32)``.
-    n_top top-activating sequences are kept; the first n_explain of them by rank go to the explanation
-    set (ranks 0, 2, 4, ... so both sets see the strongest examples), the rest to the scoring set with
-    n_random uniform random and n_quantile activation-quantile records.
+    n_top top-activating sequences are kept and split as ``sampling`` says (module docstring); with
+    "bills", n_explain records explain and up to n_explain top records are scored with as many random ones.
     """
     units = np.asarray(units, dtype=np.int64)
     if units.ndim != 1 or len(units) == 0:
         raise ValueError("collect_records needs a non-empty 1-D list of unit indices")
+    if sampling not in SAMPLINGS:
+        raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
     if n_explain > n_top:
         raise ValueError(f"n_explain ({n_explain}) cannot exceed n_top ({n_top})")
     if record_len is not None and record_len < 1:
@@ -131,7 +139,7 @@ def collect_records(
             pools = {
                 "top": _TopKPool(len(units), n_top, context),
                 "random": _TopKPool(len(units), n_random, context),
-                "quantile": _TopKPool(len(units), quantile_pool if n_quantile else 0, context),
+                "quantile": _TopKPool(len(units), quantile_pool if n_quantile and sampling != "bills" else 0, context),
             }
         unit_acts = np.ascontiguousarray(acts[:, :, units], dtype=np.float32)  # [b, context, U]
         seq_max = unit_acts.max(axis=1)  # [b, U]
@@ -148,6 +156,9 @@ def collect_records(
     results = []
     for i, unit in enumerate(units.tolist()):
         top = pools["top"].entries(i)  # sorted by activation, strongest first
+        if sampling == "bills":
+            results.append(_bills_split(unit, float(max_act[i]), top, pools["random"].entries(i), n_explain, record_len, rng))
+            continue
         explain_ranks = set(range(0, 2 * n_explain, 2)) if 2 * n_explain <= len(top) else set(range(n_explain))
         explanation = [_cut(unit, "top", e, record_len, rng) for r, e in enumerate(top) if r in explain_ranks]
         scoring = [_cut(unit, "top", e, record_len, rng) for r, e in enumerate(top) if r not in explain_ranks]
@@ -160,6 +171,19 @@ def collect_records(
             scoring.append(_cut(unit, "quantile", entry, record_len, rng))
         results.append(UnitRecords(unit=unit, max_act=float(max_act[i]), explanation=explanation, scoring=scoring))
     return results
+
+
+def _bills_split(unit, max_act, top, random, n_explain, record_len, rng) -> UnitRecords:
+    """Explain on top ranks 0, 4, 8, ...; score top ranks 2, 6, 10, ... and as many random records (1:1)."""
+    explain = top[0::BILLS_SPLITS][:n_explain]
+    scored_top = top[2::BILLS_SPLITS][:n_explain]
+    used = {e[1] for e in explain + scored_top}
+    scored_random = [e for e in random if e[1] not in used]
+    pairs = min(len(scored_top), len(scored_random))
+    explanation = [_cut(unit, "top", e, record_len, rng) for e in explain]
+    scoring = ([_cut(unit, "top", e, record_len, rng) for e in scored_top[:pairs]]
+               + [_cut(unit, "random", e, record_len, rng) for e in scored_random[:pairs]])
+    return UnitRecords(unit=unit, max_act=max_act, explanation=explanation, scoring=scoring)
 
 
 def _quantile_draw(entries, n_quantile, used, rng):

@@ -59,7 +59,8 @@ def bootstrap_difference_ci(a: Sequence[float], b: Sequence[float], *, n_boot: i
 
 def compare_dictionaries(scores: Mapping[str, Sequence[Mapping]], *, baseline: str = "neurons",
                          n_boot: int = 1000, seed: int = 0) -> dict:
-    """Per dictionary: mean Spearman/Pearson with CIs, failures, and the difference from ``baseline``.
+    """Per dictionary: mean Spearman/Pearson (simulation) and detection/fuzzing balanced accuracy where the
+    rows have them, with CIs, failures, and the difference from ``baseline``.
 
     scores: dictionary name -> rows of its scores table (dicts with ``spearman``, ``pearson``, ``status``).
     """
@@ -67,7 +68,9 @@ def compare_dictionaries(scores: Mapping[str, Sequence[Mapping]], *, baseline: s
     for name, rows in scores.items():
         entry = {"units": len(rows), "scored": sum(r["status"] == "ok" for r in rows),
                  "failed": sum(r["status"] != "ok" for r in rows)}
-        for metric in ("spearman", "pearson"):
+        for metric in ("spearman", "pearson", "detection", "fuzzing"):
+            if not any(metric in r for r in rows):
+                continue
             values = [float(r[metric]) for r in rows if r["status"] == "ok"]
             entry[metric] = bootstrap_mean_ci(values, n_boot=n_boot, seed=seed)
             if baseline in scores and name != baseline:
