@@ -271,8 +271,7 @@ def write_results(results: Sequence[dict], usage: dict, out_dir: str | Path) -> 
     with atomic_open(out / "simulations.jsonl", newline="") as f:
         for r in results:
             f.write(json.dumps({"unit": r["unit"], "explanation": r["explanation"], "records": r["simulations"],
-                                "classifications": r.get("classifications", [])}) + "
-")
+                                "classifications": r.get("classifications", [])}) + "\n")
     with atomic_open(out / "scores.csv", newline="") as f:
         writer = csv.DictWriter(f, SCORE_COLUMNS)
         writer.writeheader()
