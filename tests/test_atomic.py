@@ -111,7 +111,7 @@ WRITE_CALL = re.compile(r"(?<!atomic)\.write_text\(|(?<!atomic)\.write_bytes\(|o
 # Functions that write into a directory their caller builds under atomic_path (not outputs themselves),
 # and files that are not pipeline outputs.
 WRITES_INTO_CALLERS_TEMPORARY = {("site.py", "write_dictionary"), ("evaluate.py", "save_codes"),
-                                 ("saelens_export.py", "ensure_saelens_env")}
+                                 ("saelens_export.py", "ensure_saelens_env"), ("store.py", "_round_and_store")}
 
 
 def test_outputs_are_written_only_through_the_atomic_helper():

@@ -47,7 +47,8 @@ def api_key(monkeypatch):
 def settings(base_url, tmp_path, **overrides):
     values = dict(base_url=base_url, model="stub", api_key_env="MONOSCOPE_TEST_KEY", simulation_method="json",
                   cache_path=str(tmp_path / "cache.sqlite"), concurrency=2, max_retries=2, backoff_s=0.01,
-                  backoff_max_s=0.05, bad_answer_retries=0, seed=0)
+                  backoff_max_s=0.05, bad_answer_retries=0, seed=0,
+                  scorers=("simulation",))  # the stub's one answer is a JSON list, not a yes/no
     return AutointerpSettings(**(values | overrides))
 
 

@@ -315,7 +315,10 @@ class OracleChat:
     def __init__(self):
         self.requests = []
 
-    async def chat(self, messages, **params):
+    def redact(self, text):
+        return text
+
+    async def chat(self, messages, parse=None, **params):
         from monoscope.autointerp import classify, prompts
 
         self.requests.append((messages, params))
@@ -334,7 +337,8 @@ class OracleChat:
             else:
                 marked = [part.split(">>")[0] for part in text.split("<<")[1:]]
                 answer = "yes" if marked and all(m == " cat" for m in marked) else "No"
-        return {"choices": [{"message": {"content": answer}}]}
+        response = {"choices": [{"message": {"content": answer}}]}
+        return parse(response) if parse else response
 
 
 def test_detection_and_fuzzing_score_a_perfect_explanation_one_and_cost_one_short_answer_per_example():

@@ -92,8 +92,9 @@ def parse_yes_no(text: str) -> bool:
 
 
 async def classify(client: LLMClient, example: Example, explanation: str, attempt: int = 0) -> bool:
-    response = await client.chat(messages(example.scorer, explanation, example.text), max_tokens=3, **sampling_params(attempt))
-    return parse_yes_no(chat_text(response))
+    # Parsed before it is cached: an answer that is neither yes nor no is asked again on a rerun.
+    return await client.chat(messages(example.scorer, explanation, example.text),
+                             parse=lambda response: parse_yes_no(chat_text(response)), max_tokens=3, **sampling_params(attempt))
 
 
 def balanced_accuracy(labels: Sequence[bool], answers: Sequence[bool]) -> float:
