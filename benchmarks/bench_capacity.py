@@ -31,10 +31,15 @@ REPO = Path(__file__).resolve().parents[1]
 
 # Each candidate: overrides of the config's sae section for the benchmarked dictionary.
 CANDIDATES = {
-    "stop-13 default": {"resample_steps": [250, 500], "resample_window": 200, "resample_max_density": 0.0},
-    "resample every 100 to 60 %": {"resample_steps": list(range(100, 600, 100)), "resample_window": 100},
-    "every 100 to 60 %, near-dead < 1e-4": {
-        "resample_steps": list(range(100, 600, 100)), "resample_window": 100, "resample_max_density": 1e-4},
+    "stop-13 default (L1 warm-up 0.05)": {"l1_warmup_fraction": 0.05},
+    "resample every 100 to 60 %, near-dead < 1e-4": {
+        "l1_warmup_fraction": 0.05, "resample_steps": list(range(100, 700, 100)), "resample_window": 100, "resample_max_density": 1e-4},
+    "L1 warm-up 0.2": {"l1_warmup_fraction": 0.2},
+    "L1 warm-up 0.5": {"l1_warmup_fraction": 0.5},
+    "L1 warm-up 0.75 (default)": {"l1_warmup_fraction": 0.75},
+    "L1 warm-up 0.75, L1 4.5": {"l1_warmup_fraction": 0.75, "l1_coefficient": 4.5},
+    "topk k=16": {"architecture": "topk", "k": 16, "resample_steps": []},
+    "batchtopk k=16": {"architecture": "batchtopk", "k": 16, "resample_steps": []},
 }
 
 
