@@ -164,7 +164,7 @@ def test_resampling_reinitialises_dead_features_as_the_paper_says(tmp_path):
     trainer.window_fires[0][~dead] = 1
     alive_norm = sae.W_enc[:, ~dead].norm(dim=0).mean()
     before = sae.W_dec[~dead].clone()
-    (row,) = trainer.resample(trainer.batches(0), 0)
+    (row,) = trainer.resample(trainer.device_batches(0), 0)
     assert row == {"event": "resample", "sae": "a", "step": 30, "resampled": 3}
     assert torch.allclose(sae.W_dec[dead].norm(dim=1), torch.ones(3))
     assert torch.allclose(sae.W_enc[:, dead].norm(dim=0), torch.full((3,), 0.2 * alive_norm.item()))
@@ -187,7 +187,7 @@ def test_resampling_above_zero_density_also_takes_the_near_dead(tmp_path):
     fires = torch.full((trainer.saes[0].d_sae,), 50)
     fires[[0, 1, 2]] = torch.tensor([0, 9, 10])
     trainer.window_fires[0].copy_(fires)
-    (row,) = trainer.resample(trainer.batches(0), 0)
+    (row,) = trainer.resample(trainer.device_batches(0), 0)
     assert row["resampled"] == 2  # never fired, and 9 of 1000; 10 of 1000 stays
     assert trainer.window_fires[0][:2].tolist() == [0, 0] and trainer.window_fires[0][2] == 10
 

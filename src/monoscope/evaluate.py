@@ -166,7 +166,7 @@ def evaluate_dictionary(
     dense_threshold = 10 ** settings["dense_log10_density"]
     live_threshold = 10 ** settings["live_log10_density"]
     bands = density_bands(table["density"].to_numpy(), live_threshold)
-    hyperparameters = getattr(dictionary, "cfg", None) and dictionary.cfg.hyperparameters
+    hyperparameters = {} if name == NEURONS else dictionary.cfg.hyperparameters
     metrics = {
         "name": name,
         "d_in": d_in,
@@ -182,8 +182,8 @@ def evaluate_dictionary(
         "mse": sq_err / (n_tokens * d_in),
         "fvu": sq_err / total_variance,
         "l0": stats.l0_sum / stats.n_tokens,
-        "architecture": (hyperparameters or {}).get("architecture"),
-        "l1_coefficient": (hyperparameters or {}).get("l1_coefficient"),
+        "architecture": hyperparameters.get("architecture"),
+        "l1_coefficient": hyperparameters.get("l1_coefficient"),
         "live_threshold": live_threshold,
         "density_bands": bands,
         "live_features": bands["live"],

@@ -366,6 +366,16 @@ class Trainer:
 
     # --- initialisation from the data -------------------------------------------------------------
 
+    def device_batches(self, start: int) -> Iterator[torch.Tensor]:
+        """This process's batches from number `start` on, float32 on the training device. Every consumer
+        (initialisation, the loop, resampling) draws through here: on a GPU the loader hands over float16."""
+        batches = self.batches(start)
+        try:
+            for x in batches:
+                yield x.to(self.device, non_blocking=True).float()
+        finally:
+            _close(batches)
+
     def _gather_rows(self, local: torch.Tensor) -> torch.Tensor:
         """[n_batches, b, ...] per process -> [n_batches * world * b, ...], batch-major like one process would see."""
         gathered = self.acc.gather(local.contiguous()[None]) if self.world > 1 else local[None]  # [world, n, b, ...]
@@ -374,8 +384,8 @@ class Trainer:
     @torch.no_grad()
     def initialise_from_data(self) -> None:
         n_batches = max(1, math.ceil(self.cfg0.norm_sample_tokens / self.cfg0.batch_size))
-        it = self.batches(0)
-        sample = torch.stack([next(it) for _ in range(n_batches)]).to(self.device)  # [n, b, d_in]
+        it = self.device_batches(0)
+        sample = torch.stack([next(it) for _ in range(n_batches)])  # [n, b, d_in]
         _close(it)
         sample = self._gather_rows(sample).float()  # [n * B, d_in]
         scale = norm_scale_for(sample)
@@ -400,7 +410,7 @@ class Trainer:
         n_batches = max(1, math.ceil(cfg.resample_inputs / cfg.batch_size))
         inputs, losses = [], []
         for _ in range(n_batches):
-            x_n = next(data).to(self.device) * sae.cfg.norm_scale  # [b, d_in]
+            x_n = next(data) * sae.cfg.norm_scale  # [b, d_in]
             self.progress.batches_drawn += 1
             x_hat = sae.decode_normalized(sae.encode_normalized(x_n))
             inputs.append(x_n)
@@ -443,12 +453,12 @@ class Trainer:
             self.initialise_from_data()
             self.progress = _Progress(best_loss=[math.inf] * len(self.saes))
         total = self.cfg0.total_steps
-        data = self.batches(self.progress.batches_drawn)
+        data = self.device_batches(self.progress.batches_drawn)
         sums = self._zero_sums()
         bar = tqdm(total=total, initial=self.progress.step, disable=not self.show_progress, unit="step", mininterval=5)
         while self.progress.step < total:
             self._open_resample_windows()
-            x = next(data).to(self.device, non_blocking=True).float()
+            x = next(data)
             self.progress.batches_drawn += 1
             terms = self._train_step(x)
             self._accumulate(sums, x, terms)
