@@ -20,7 +20,7 @@ include: "workflow/rules/report.smk"
 
 rule all:
     input:
-        "results/report/index.html",
-        "results/report/browser/index.html",
-        *(["results/autointerp/comparison.json"] if config["autointerp"]["enabled"] else []),
+        rules.report.output.index,
+        rules.site.output.index,
+        *([rules.compare_autointerp.output.comparison] if config["autointerp"]["enabled"] else []),
     default_target: True

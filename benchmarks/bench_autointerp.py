@@ -21,11 +21,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from llm_server import llama_server  # noqa: E402
 
 from monoscope.autointerp.client import ClientConfig, LLMClient  # noqa: E402
-from monoscope.autointerp.fault_proxy import FaultProxy  # noqa: E402
+from monoscope.config import default_settings  # noqa: E402
+from fault_proxy import FaultProxy  # noqa: E402
 
 
 async def batch(base_url: str, cache: Path, concurrency: int, n: int, tag: str) -> tuple[float, dict]:
-    config = ClientConfig(base_url=base_url, model="smollm2-135m", api_key_env="", concurrency=concurrency)
+    config = default_settings(ClientConfig, base_url=base_url, model="smollm2-135m", api_key_env="", concurrency=concurrency)
     async with LLMClient(config, cache) as client:
         started = time.perf_counter()
         await asyncio.gather(*(client.chat([{"role": "user", "content": f"{tag} item {i}: say ok"}], max_tokens=1,

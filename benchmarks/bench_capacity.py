@@ -24,7 +24,7 @@ import torch
 import yaml
 
 from monoscope import evaluate
-from monoscope.config import sae_name, sae_runs, validate_config
+from monoscope.config import hook_name, sae_name, sae_runs, settings_from, validate_config
 from monoscope.train import train_from_stores
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,7 +62,9 @@ def run_setting(config: dict, size: int, overrides: dict, results: Path, work: P
     train_from_stores(train_stores, {name: run}, {name: sae_dir}, work / "resume", show_progress=False)
     train_s = time.perf_counter() - start
     start = time.perf_counter()
-    metrics = evaluate.evaluate_dictionary(config, name, sae_dir, results / "model", eval_stores, work / "eval", log=lambda _: None)
+    metrics = evaluate.evaluate_dictionary(settings_from(evaluate.EvaluateSettings, config["evaluate"]), config["model"],
+                                           results / "model", hook_name(config), name, sae_dir, eval_stores, work / "eval",
+                                           log=lambda _: None)
     return {**metrics, "train_s": train_s, "evaluate_s": time.perf_counter() - start}
 
 

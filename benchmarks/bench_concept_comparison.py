@@ -30,16 +30,18 @@ import numpy as np
 import pandas as pd
 import torch
 
-from monoscope import concept_comparison, evaluate, features, report, store, tokenize
-from monoscope.config import NEURONS
+from monoscope import concept_comparison, features, report, store, tokenize
+from monoscope.config import NEURONS, default_settings
+from monoscope.dictionary import open_dictionary
 from monoscope.probes import ConceptLabeler, compile_concepts
+from monoscope.train import TrainConfig, sae_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def load(results: Path, name: str, stores):
     sae_dir = None if name == NEURONS else results / "sae" / name
-    dictionary = evaluate.load_dictionary(name, sae_dir, stores[0].d)
+    dictionary = open_dictionary(name, sae_dir, stores[0].d)
     upper = torch.from_numpy(pd.read_parquet(results / "eval" / name / "features.parquet")["max_activation"].to_numpy(np.float32, copy=True))
     codes_path = results / "eval" / name / "codes.safetensors"
     return dictionary, upper, features.Codes(codes_path) if codes_path.exists() else None
@@ -52,7 +54,8 @@ def synthetic_sae(stores, expansion: int, l0: float):
     _, acts = next(store.iter_sequence_blocks(stores[0], 64))
     acts = torch.from_numpy(acts).float().reshape(-1, stores[0].d)
     d_sae = expansion * stores[0].d
-    model = sae.SAE(sae.SAEConfig(d_in=stores[0].d, d_sae=d_sae), generator=torch.Generator().manual_seed(0))
+    model = sae.SAE(sae_config(default_settings(TrainConfig, expansion_factor=expansion), stores[0].d),
+                    generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         model.b_enc.copy_(-model.pre_activations(acts[:2048]).quantile(1 - l0 / d_sae, dim=0))  # quantile: <= 2^24 values
         upper = model.encode(acts).max(0).values
@@ -113,8 +116,8 @@ def main() -> None:
     stores = [store.open_activations(p) for p in sorted((results / "activations").glob("eval_*.zarr"))]
     names = [NEURONS] + sorted((p.name for p in (results / "sae").iterdir() if (results / "eval" / p.name / "features.parquet").exists()),
                                key=lambda n: json.loads((results / "sae" / n / "cfg.json").read_text())["d_sae"])
-    settings = features.FeatureSettings()
-    labeler = ConceptLabeler(compile_concepts(settings.concepts), tokenize.token_strings(results / "tokenizer"))
+    settings = default_settings(features.FeatureSettings)
+    labeler = ConceptLabeler(compile_concepts(settings.concept_list), tokenize.token_strings(results / "tokenizer"))
     print(f"held-out sequences={sum(s.n_seq for s in stores)} threads={torch.get_num_threads()} probe_seqs={settings.probe_seqs}")
 
     if args.synthetic_expansion:  # the run's SAE of that size is not trained yet: a random one of the same shape

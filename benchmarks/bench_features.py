@@ -25,8 +25,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from monoscope import features, lm_weights, models, sae, site, store, tokenize
+from monoscope import evaluate, features, lm_weights, models, sae, site, store, tokenize
+from monoscope.config import default_settings
+from monoscope.layout import Layout
 from monoscope.probes import ConceptLabeler, compile_concepts
+from monoscope.train import TrainConfig, sae_config
 
 ROOT = Path(__file__).resolve().parents[1]
 D_MLP, CONTEXT = 512, 128
@@ -52,11 +55,21 @@ def token_sequences(n_seqs: int, vocab_size: int, rng) -> np.ndarray:
 
 
 def sparse_sae(d_sae: int, acts: torch.Tensor, seed: int) -> sae.SAE:
-    model = sae.SAE(sae.SAEConfig(d_in=D_MLP, d_sae=d_sae), generator=torch.Generator().manual_seed(seed))
+    model = sae.SAE(sae_config(default_settings(TrainConfig, expansion_factor=d_sae // D_MLP), D_MLP),
+                    generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         pre = model.pre_activations(acts[:4096])
         model.b_enc.copy_(-pre.quantile(0.99, dim=0))  # each feature fires on ~1% of tokens
     return model.eval()
+
+
+def unit_stats(dictionary, activation_store):
+    """What the evaluation would hand the features pass: per-unit density, mean and max."""
+    stats = evaluate.FeatureStats(dictionary.d_sae)
+    with torch.no_grad():
+        for _, acts in store.iter_sequence_blocks(activation_store, 64):
+            stats.update(dictionary.encode(torch.from_numpy(acts).flatten(0, 1).float()))
+    return stats.table()
 
 
 def time_bare(dictionary, activation_store, block: int) -> float:
@@ -114,8 +127,8 @@ def main() -> None:
         store.write_activation_store(path, acts.numpy(), tokens, {"hook": "blocks.0.mlp.hook_post"},
                                      chunk_tokens=store.chunk_tokens_for(D_MLP, "float16", CONTEXT, 1.0))
         activation_store = store.open_activations(path)
-        labeler = ConceptLabeler(compile_concepts(features.FeatureSettings().concepts), strings)
-        settings = features.FeatureSettings()
+        settings = default_settings(features.FeatureSettings)
+        labeler = ConceptLabeler(compile_concepts(settings.concept_list), strings)
         print(f"tokens={activation_store.n_tokens} d_in={D_MLP} concepts={len(labeler.concepts)} threads={torch.get_num_threads()}")
         print("expansion d_sae bare_read_encode_tok_s pass_tok_s pass_vs_bare")
         for factor in args.expansions:
@@ -135,12 +148,14 @@ def main() -> None:
         bridge = models.boot_native(native, len(strings), CONTEXT, 0).eval()
         lm = lm_weights.read_weights(bridge, 0, n_vocab=len(strings))
         start = time.perf_counter()
-        result = features.analyse(name, dictionary, [activation_store], settings, upper, labeler, bridge, lm,
-                                  "blocks.0.mlp.hook_post")
+        inputs = features.PassInputs(name=name, dictionary=dictionary, stores=[activation_store],
+                                     stats=unit_stats(dictionary, activation_store), labeler=labeler, bridge=bridge, lm=lm,
+                                     hook="blocks.0.mlp.hook_post")
+        result = features.analyse(inputs, settings)
         features.write_outputs(result, tmp / "features" / name, provenance={"name": name})
         print(f"analyse_dictionary_{name}_s {time.perf_counter() - start:.1f} timings={result['summary']['timings']}")
         start = time.perf_counter()
-        index = site.build_site(tmp, [name], strings, tmp / "report" / "browser", live_threshold=1e-4)
+        index = site.build_site(Layout(tmp), [name], strings, tmp / "report" / "browser", live_threshold=1e-4)
         print(f"site_{name}_s {time.perf_counter() - start:.1f} (target <= 120)")
         size = sum(p.stat().st_size for p in index.parent.rglob("*") if p.is_file())
         print(f"site_{name}_mib {size / 2**20:.1f}")

@@ -22,8 +22,8 @@ import torch
 import yaml
 
 from monoscope import models, store
-from monoscope.harvest import harvest_shard
-from monoscope.config import hook_name, validate_config
+from monoscope.harvest import HarvestSettings, harvest_shard
+from monoscope.config import hook_name, settings_from, validate_config
 from monoscope.pretrained import run_to_hook
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,10 +35,10 @@ def store_overhead(config, results: Path, shard: str, n_seqs: int, repeats: int 
     token_shard = results / "tokens" / f"{shard}.zarr"
     tokens, _ = store.read_token_shard(token_shard)
     tokens = tokens[:n_seqs]
-    bridge = models.load_model(config, results / "model")
+    bridge = models.load_model(config["model"], results / "model")
     hook = hook_name(config)
     batches = [torch.from_numpy(tokens[i : i + harvest["batch_size"]]).long() for i in range(0, len(tokens), harvest["batch_size"])]
-    harvest_config = {**config, "harvest": {**harvest, "max_seqs_per_shard": n_seqs}}
+    settings = settings_from(HarvestSettings, {**harvest, "max_seqs_per_shard": n_seqs})
 
     def bare():
         for batch in batches:
@@ -53,7 +53,7 @@ def store_overhead(config, results: Path, shard: str, n_seqs: int, repeats: int 
             bare_s.append(time.perf_counter() - t)
             bare_cpu.append(time.process_time() - c)
             t, c = time.perf_counter(), time.process_time()
-            harvest_shard(harvest_config, bridge, "bench", token_shard, Path(tmp) / f"s{i}.zarr", log=lambda _: None)
+            harvest_shard(settings, bridge, "bench", hook, token_shard, Path(tmp) / f"s{i}.zarr", log=lambda _: None)
             write_s.append(time.perf_counter() - t)
             write_cpu.append(time.process_time() - c)
         written = store.open_activations(Path(tmp) / "s0.zarr")

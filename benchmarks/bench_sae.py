@@ -24,6 +24,7 @@ Both trainers get the same weights and the same batches, normalised by the check
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -37,10 +38,11 @@ import numpy as np
 import torch
 
 from monoscope.loader import ActivationLoader
-from monoscope.sae import load_dictionary
+from monoscope.sae import load_sae
 from monoscope.saelens_export import ensure_saelens_env
 from monoscope.store import open_activations, write_activation_store
-from monoscope.train import Trainer, norm_scale_for
+from monoscope.config import default_settings
+from monoscope.train import TrainConfig, Trainer, norm_scale_for
 
 SAELENS_STEP = r"""
 import json, sys, time, torch
@@ -114,8 +116,8 @@ def monoscope_step_time(batches: torch.Tensor, d_in: int, expansion: int, repeat
     """(seconds per trainer step, L0 at the first step): a step is (gradients, parallel-component removal, fused Adam, renorm, firing stats), best of `repeats`.
     batches are already normalised: the trainer's input constant is 1."""
     batch = batches.shape[1]
-    run = {"expansion_factor": expansion, "batch_size": batch, "train_tokens": batch * 1000, "resample_steps": [],
-           "norm_sample_tokens": batch, "loader_streams": 1, "l1_coefficient": 5.0}  # fmt: skip
+    run = dataclasses.asdict(default_settings(TrainConfig, expansion_factor=expansion, batch_size=batch, train_tokens=batch * 1000,
+                                              resample_steps=[], norm_sample_tokens=batch, loader_streams=1, l1_coefficient=5.0))
     trainer = Trainer({"bench": run}, d_in, lambda start: iter(batches[start:]), work / "resume", show_progress=False)
     sae = trainer.saes[0]
     sae.reset_parameters()
@@ -188,7 +190,7 @@ def main() -> None:
         raw = torch.from_numpy(store.acts[: n * batch].astype(np.float32)).reshape(n, batch, d_in)
         states = {"initialisation": (None, raw * norm_scale_for(raw.flatten(0, 1)))}
         if args.sae:
-            trained = load_dictionary(args.sae)
+            trained = load_sae(args.sae)
             if (trained.d_in, trained.d_sae) != (d_in, d_sae):
                 sys.exit(f"--sae {args.sae} is {trained.d_in} x {trained.d_sae}, the benchmark {d_in} x {d_sae}")
             weights = {k: v for k, v in trained.state_dict().items() if k in ("W_enc", "W_dec", "b_enc", "b_dec")}

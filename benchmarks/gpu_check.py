@@ -19,6 +19,7 @@ not depend on them) and random token sequences, then prints:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import copy
 import sys
 import tempfile
@@ -30,12 +31,12 @@ import torch
 import yaml
 
 from monoscope import models, store
-from monoscope.config import hook_name, validate_config
-from monoscope.harvest import harvest_shard
+from monoscope.config import default_settings, hook_name, settings_from, validate_config
+from monoscope.harvest import HarvestSettings, harvest_shard
 from monoscope.loader import ActivationLoader
 from monoscope.pretrained import run_to_hook
 from monoscope.runtime import device
-from monoscope.train import Trainer
+from monoscope.train import TrainConfig, Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -62,15 +63,16 @@ def harvest(config, work: Path, n_seqs: int) -> tuple[float, float, Path]:
             run_to_hook(bridge, torch.from_numpy(tokens[first : first + batch]).long(), hook).cpu()
         sync()
         bare = tokens.size / (time.perf_counter() - start)
-    summary = harvest_shard(config, bridge, "gpu-check", work / "tokens.zarr", work / "acts.zarr", log=lambda _: None)
+    summary = harvest_shard(settings_from(HarvestSettings, config["harvest"]), bridge, "gpu-check", hook, work / "tokens.zarr",
+                            work / "acts.zarr", log=lambda _: None)
     return bare, summary["tokens"] / summary["total_s"], work / "acts.zarr"
 
 
 def trainer_rate(x: torch.Tensor, expansion: int, steps: int, dtype: torch.dtype, sparse: bool, work: Path) -> tuple[float, float]:
     """(tokens/s of a Trainer step, L0) on the device, median of `steps` timed steps."""
     batch, d_in = x.shape
-    run = {"expansion_factor": expansion, "batch_size": batch, "train_tokens": batch * 1000, "resample_steps": [],
-           "norm_sample_tokens": batch, "loader_streams": 1, "l1_coefficient": 5.0}  # fmt: skip
+    run = dataclasses.asdict(default_settings(TrainConfig, expansion_factor=expansion, batch_size=batch, train_tokens=batch * 1000,
+                                              resample_steps=[], norm_sample_tokens=batch, loader_streams=1, l1_coefficient=5.0))
     trainer = Trainer({"check": run}, d_in, lambda start: iter(()), work / f"resume-{dtype}-{sparse}", show_progress=False)
     sae = trainer.saes[0].to(dtype)  # in place: the optimiser keeps the same parameters
     sae.cfg.norm_scale = 1.0

@@ -11,7 +11,6 @@ hub's files even when cached), so tl_legacy is covered by test_pretrained's erro
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,14 +19,11 @@ import pytest
 import torch
 import yaml
 from selenium.webdriver.common.by import By
-from test_browser import browser, open_page  # noqa: F401  (browser is a fixture)
-from test_lm_weights import hf_parts
-from tiny_hf import D_MLP, FAMILIES, TOKENIZER_VOCAB, save_tiny_model
+from conftest import REPO, open_page, snakemake_command
+from tiny_hf import D_MLP, FAMILIES, TOKENIZER_VOCAB, hf_parts, save_tiny_model
 
 from monoscope import features, sae, store
 
-REPO = Path(__file__).resolve().parents[1]
-SNAKEMAKE = Path(sys.executable).with_name("snakemake")
 SAE_NAME, EXPANSION = "x2_l1-5", 2
 
 
@@ -55,8 +51,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
         model_dir = save_tiny_model(family, root / f"{family}-model")
         config = root / f"{family}.yaml"
         config.write_text(yaml.safe_dump(family_config(model_dir)))
-        cmd = [str(SNAKEMAKE), "-s", str(REPO / "Snakefile"), "--directory", str(root / family), "--cores", "1",
-               "--configfile", str(config)]
+        cmd = snakemake_command(root / family, "--cores", "1", "--configfile", str(config))
         log = open(root / f"{family}.log", "w")
         started[family] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO), log, cmd)
     failed = []
@@ -97,7 +92,7 @@ def test_logit_weights_equal_a_direct_computation_through_w_u(runs, family):
     hf = AutoModelForCausalLM.from_pretrained(str(runs[family].parent / f"{family}-model")).eval()
     _, out_proj, post_norm, final_norm = hf_parts(hf, family)
     w_u = hf.get_output_embeddings().weight[:TOKENIZER_VOCAB]  # [n_vocab, d_model]
-    w_dec = sae.load_dictionary(results / "sae" / SAE_NAME).W_dec  # [d_sae, d_mlp]
+    w_dec = sae.load_sae(results / "sae" / SAE_NAME).W_dec  # [d_sae, d_mlp]
     for name, directions in (("neurons", torch.eye(D_MLP)[:8]), (SAE_NAME, w_dec[:8])):
         resid = out_proj(directions) - out_proj(torch.zeros(1, D_MLP))
         if post_norm is not None:

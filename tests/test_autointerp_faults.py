@@ -12,13 +12,13 @@ import time
 
 import numpy as np
 import pytest
+from fault_proxy import FaultProxy
 
 from monoscope.autointerp import client as client_module
 from monoscope.autointerp.client import ClientConfig, LLMClient, ResponseCache, cache_key, job_cache_path, redact, redact_url
-from monoscope.autointerp.fault_proxy import FaultProxy
 from monoscope.autointerp.pipeline import AutointerpSettings, _run, write_results
 from monoscope.autointerp.records import collect_records
-from monoscope.config import ConfigError, validate_config
+from monoscope.config import ConfigError, default_settings, validate_config
 
 WORDS = "the cat sat on a mat and dog ran to red blue green house tree big".split()
 STRINGS = [" " + w for w in WORDS]
@@ -49,11 +49,15 @@ def settings(base_url, tmp_path, **overrides):
                   cache_path=str(tmp_path / "cache.sqlite"), concurrency=2, max_retries=2, backoff_s=0.01,
                   backoff_max_s=0.05, bad_answer_retries=0, seed=0,
                   scorers=("simulation",))  # the stub's one answer is a JSON list, not a yes/no
-    return AutointerpSettings(**(values | overrides))
+    return default_settings(AutointerpSettings, **(values | overrides))
 
 
 def run(units, settings):
     return asyncio.run(_run(units, STRINGS, settings))
+
+
+def client_config(**values) -> ClientConfig:
+    return default_settings(ClientConfig, **values)
 
 
 def chat_once(config: ClientConfig, cache_path, **params):
@@ -72,9 +76,9 @@ def test_the_cache_key_holds_the_server(tmp_path):
     assert cache_key("http://u:old@a:1/v1", "m", "chat", body) == cache_key("http://u:new@a:1/v1", "m", "chat", body)
     with FaultProxy(None, stub_content="first") as first, FaultProxy(None, stub_content="second") as second:
         cache = tmp_path / "c.sqlite"
-        one, _ = chat_once(ClientConfig(first.url + "/v1", "same-name", "MONOSCOPE_TEST_KEY"), cache)
-        two, usage = chat_once(ClientConfig(second.url + "/v1", "same-name", "MONOSCOPE_TEST_KEY"), cache)
-        again, usage_again = chat_once(ClientConfig(second.url + "/v1", "same-name", "MONOSCOPE_TEST_KEY"), cache)
+        one, _ = chat_once(client_config(base_url=first.url + "/v1", model="same-name", api_key_env="MONOSCOPE_TEST_KEY"), cache)
+        two, usage = chat_once(client_config(base_url=second.url + "/v1", model="same-name", api_key_env="MONOSCOPE_TEST_KEY"), cache)
+        again, usage_again = chat_once(client_config(base_url=second.url + "/v1", model="same-name", api_key_env="MONOSCOPE_TEST_KEY"), cache)
     assert one["choices"][0]["message"]["content"] == "first" and two["choices"][0]["message"]["content"] == "second"
     assert usage["requests"] == 1 and usage_again["requests"] == 0 and again == two
 
@@ -83,7 +87,7 @@ def test_the_cache_key_holds_the_server(tmp_path):
 def test_retry_after_is_capped(tmp_path, fault):
     with FaultProxy(None, sequence=[fault, fault]) as proxy:
         started = time.monotonic()
-        _, usage = chat_once(ClientConfig(proxy.url + "/v1", "m", "MONOSCOPE_TEST_KEY", backoff_max_s=0.1, max_retries=3),
+        _, usage = chat_once(client_config(base_url=proxy.url + "/v1", model="m", api_key_env="MONOSCOPE_TEST_KEY", backoff_max_s=0.1, max_retries=3),
                              tmp_path / "c.sqlite")
     assert time.monotonic() - started < 5 and usage["retries"] == 2 and usage["answered"] == 1
 
@@ -163,7 +167,7 @@ def test_a_key_pasted_into_api_key_env_is_never_echoed(tmp_path, pasted):
     with pytest.raises(ConfigError, match="api_key_env") as error:
         validate_config({"autointerp": {"api_key_env": pasted}})
     assert pasted not in str(error.value)
-    config = ClientConfig("https://api.example.com/v1", "m", api_key_env=pasted, max_retries=0)
+    config = client_config(base_url="https://api.example.com/v1", model="m", api_key_env=pasted, max_retries=0)
     with pytest.raises(RuntimeError, match="api_key_env") as error:
         chat_once(config, tmp_path / "c.sqlite")
     assert pasted not in str(error.value)

@@ -11,12 +11,13 @@ import math
 
 import numpy as np
 import pytest
+from fault_proxy import FaultProxy
 
 from monoscope.autointerp.client import LLMClient
-from monoscope.autointerp.fault_proxy import FaultProxy
 from monoscope.autointerp.pipeline import AutointerpSettings, _run, read_scores, run_comparison, write_results
 from monoscope.autointerp.records import collect_records
 from monoscope.autointerp.simulate import detect_method
+from monoscope.config import default_settings
 
 pytest_plugins = ["llm_server"]
 
@@ -46,7 +47,7 @@ def settings_for(base_url, tmp_path, **overrides):
                   simulation_method="next_token", cache_path=str(tmp_path / "cache.sqlite"), concurrency=4,
                   backoff_s=0.01, backoff_max_s=0.05, explanation_max_tokens=16, top_logprobs=10, seed=0,
                   scorers=("simulation",))  # detection and fuzzing have their own test below
-    return AutointerpSettings(**(values | overrides))
+    return default_settings(AutointerpSettings, **(values | overrides))
 
 
 @pytest.fixture(autouse=True)
@@ -158,13 +159,14 @@ def test_faults_end_in_scores_or_failures_and_answered_requests_are_kept(llm_bas
 
 
 def test_comparison_writes_cis_plot_sheet_and_ingests_filled_sheets(llm_base_url, tmp_path, unit_records):
-    settings = settings_for(llm_base_url, tmp_path, ratings_dir=str(tmp_path / "filled"), bootstrap_samples=200)
+    settings = settings_for(llm_base_url, tmp_path)
+    comparison = {"bootstrap_samples": 200, "seed": 0, "ratings_dir": tmp_path / "filled"}
     results, usage = run(unit_records, settings)
     for name in ("x8", "neurons"):
         write_results(results, usage, tmp_path / name)
     dirs = {"x8": tmp_path / "x8", "neurons": tmp_path / "neurons"}
     summary = run_comparison(dirs, tmp_path / "comparison.json", tmp_path / "comparison.png", tmp_path / "ratings",
-                             settings)
+                             **comparison)
     assert summary["scores"]["x8"]["scored"] == 3
     assert summary["scores"]["x8"]["spearman_minus_neurons"]["mean"] == pytest.approx(0.0)
     assert (tmp_path / "comparison.png").read_bytes()[:4] == b"\x89PNG"
@@ -176,7 +178,7 @@ def test_comparison_writes_cis_plot_sheet_and_ingests_filled_sheets(llm_base_url
     item = first.split(",")[0]
     (tmp_path / "filled" / "rater.csv").write_text(f"item,confidence,specificity\n{item},4,2\n")
     summary = run_comparison(dirs, tmp_path / "comparison.json", tmp_path / "comparison.png", tmp_path / "ratings",
-                             settings)
+                             **comparison)
     rated = json.loads((tmp_path / "comparison.json").read_text())["human_ratings"]["dictionaries"]
     assert sum(d["confidence"]["n"] for d in rated.values()) == 1
     assert [d["confidence"]["mean"] for d in rated.values()] == [4.0]

@@ -3,6 +3,7 @@
 import asyncio
 import csv
 import math
+import re
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from monoscope.autointerp.ratings import export_sheet, ingest_ratings
 from monoscope.autointerp.records import collect_records, quantise
 from monoscope.autointerp.score import bootstrap_mean_ci, compare_dictionaries, correlation_scores
 from monoscope.autointerp.simulate import BadAnswer, expected_value, parse_json_list, simulate_record
+from monoscope.config import ConfigError, default_settings, validate_config
 
 
 def random_blocks(n_blocks=5, b=8, context=16, d=6, seed=0):
@@ -150,11 +152,13 @@ def test_prompts_escape_tokens_and_locate_placeholders():
     assert clean_explanation(" the main thing this neuron does is find cats. And more.") == "cats"
 
 
-def test_settings_reject_unknown_keys_and_methods():
-    with pytest.raises(ValueError, match="unknown autointerp config key"):
-        AutointerpSettings.from_config({"modle": "x"})
-    with pytest.raises(ValueError, match="simulation_method"):
-        AutointerpSettings.from_config({"simulation_method": "guess"})
+@pytest.mark.parametrize("section, key", [({"modle": "x"}, "'autointerp.modle'"),
+                                          ({"simulation_method": "guess"}, "autointerp.simulation_method"),
+                                          ({"scorers": ["vibes"]}, "autointerp.scorers"),
+                                          ({"sampling": "best"}, "autointerp.sampling")])
+def test_settings_reject_unknown_keys_and_methods_at_planning(section, key):
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        validate_config({"autointerp": section})
 
 
 def test_cache_key_depends_on_model_and_body_and_cache_persists(tmp_path):
@@ -171,8 +175,8 @@ def test_cache_key_depends_on_model_and_body_and_cache_persists(tmp_path):
 
 def test_client_needs_the_named_key_variable_for_remote_endpoints(tmp_path, monkeypatch):
     monkeypatch.delenv("MONOSCOPE_MISSING_KEY", raising=False)
-    config = ClientConfig(base_url="https://api.example.com/v1", model="m", api_key_env="MONOSCOPE_MISSING_KEY",
-                          max_retries=0)
+    config = default_settings(ClientConfig, base_url="https://api.example.com/v1", model="m",
+                              api_key_env="MONOSCOPE_MISSING_KEY", max_retries=0)
 
     async def call():
         async with LLMClient(config, tmp_path / "c.sqlite") as client:
@@ -353,7 +357,7 @@ def test_detection_and_fuzzing_score_a_perfect_explanation_one_and_cost_one_shor
         blocks.append((tokens, ((tokens == 0) * 2.0)[..., None].astype(np.float32)))
     units = collect_records(blocks, [0], n_top=12, n_explain=3, n_random=3, record_len=6, seed=0)
     client = OracleChat()
-    settings = AutointerpSettings()
+    settings = default_settings(AutointerpSettings)
     result, = asyncio.run(interpret_units(client, units, words, settings, "json"))
     assert result["status"] == "ok" and result["spearman"] == pytest.approx(1.0)
     assert result["detection"] == 1.0 and result["fuzzing"] == 1.0
@@ -369,8 +373,6 @@ def test_detection_and_fuzzing_score_a_perfect_explanation_one_and_cost_one_shor
     assert parse_yes_no(" **Yes**, it does") is True and parse_yes_no("no.") is False
     with pytest.raises(BadAnswer, match="yes or no"):
         parse_yes_no("maybe")
-    only_detection = AutointerpSettings.from_config({"scorers": ["detection"]})
+    only_detection = default_settings(AutointerpSettings, scorers=["detection"])
     result, = asyncio.run(interpret_units(OracleChat(), units, words, only_detection, "json"))
     assert result["status"] == "ok" and np.isnan(result["spearman"]) and "fuzzing" not in result
-    with pytest.raises(ValueError, match="autointerp.scorers"):
-        AutointerpSettings.from_config({"scorers": ["vibes"]})

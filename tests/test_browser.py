@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -17,70 +18,44 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from selenium import webdriver
-from selenium.webdriver.chrome.service import Service
+from conftest import TINY_MODEL, open_page, tiny_feature_settings
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
-from test_features import build_tiny_results, tiny_config
 
 from monoscope import features, models, pretrained, sae, site, tokenize
+from monoscope.layout import Layout
+from monoscope.probes import DEFAULT_CONCEPTS
 
-CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 SCRIPT_TOKEN = "<script>window.PWNED=1</script>"
 ATTRIBUTE_TOKEN = '"onload=window.PWNED=2 x="'
 EXPLANATION = '<img src=x onerror="window.PWNED=3"> & "quotes"'
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    root = tmp_path_factory.mktemp("results")
-    built = build_tiny_results(root)
-    for name, sae_dir in (("neurons", None), ("x2", root / "sae" / "x2")):
-        features.analyse_dictionary(tiny_config(), name, sae_dir, root / "model", root / "tokenizer", [built["store"]],
-                                    root / "eval" / name / "features.parquet", root / "features" / name, log=lambda _: None)
+def results(tiny_results, tmp_path_factory):
+    root = tmp_path_factory.mktemp("browser") / "results"
+    shutil.copytree(tiny_results[0], root)
     (root / "autointerp" / "x2").mkdir(parents=True)
     (root / "autointerp" / "x2" / "scores.csv").write_text(
         "unit,status,spearman,pearson,n_tokens,unparsed,explanation,reason\n"
         f'0,ok,0.61,0.5,40,0,"{EXPLANATION.replace(chr(34), chr(34) * 2)}",\n')
     # Hostile display strings on the tokens at the centre of feature 0's top two examples.
     examples = features.load_features(root / "features" / "x2")["examples"]
-    context = tiny_config()["features"]["context_tokens"]
+    context = tiny_feature_settings().context_tokens
     script_id, attribute_id = (int(t) for t in examples["top_tokens"][0, :2, context])
     strings = tokenize.token_strings(root / "tokenizer")
     strings[script_id] = SCRIPT_TOKEN
     if attribute_id != script_id:
         strings[attribute_id] = ATTRIBUTE_TOKEN
-    site.build_site(root, ["x2", "neurons"], strings, root / "report" / "browser", live_threshold=1e-4)
+    site.build_site(Layout(root), ["x2", "neurons"], strings, root / "report" / "browser", live_threshold=1e-4)
     return root
-
-
-@pytest.fixture(scope="module")
-def browser():
-    missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.exists()]
-    assert not missing, f"{', '.join(missing)} missing: run scripts/setup.d/chromium.sh (Debian chromium, chromium-driver)"
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for argument in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--window-size=1200,900"):
-        options.add_argument(argument)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
-    yield driver
-    driver.quit()
-
-
-def open_page(driver, url: str, ready: bool = True):
-    driver.get(url)
-    if ready:
-        WebDriverWait(driver, 10).until(lambda d: d.execute_script("return document.body.dataset.ready === '1'"))
-    errors = [entry for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
-    assert errors == [], f"console errors on {url}: {errors}"
 
 
 def test_index_pages_load_and_show_the_concept_table(results, browser, tmp_path):
     browser_dir = results / "report" / "browser"
     open_page(browser, (browser_dir / "index.html").as_uri(), ready=False)
     rows = browser.find_elements(By.CSS_SELECTOR, "#concept-table tr")
-    assert len(rows) == 1 + len(tiny_config()["features"].get("concepts", features.FeatureSettings().concepts))
+    assert len(rows) == 1 + len(DEFAULT_CONCEPTS)  # the tiny settings keep the built-in concepts
     assert browser.find_element(By.LINK_TEXT, "x2").get_attribute("href").endswith("x2/index.html")
     assert browser.find_element(By.CSS_SELECTOR, 'img[src="x2/rare_features.png"]').get_property("naturalWidth") > 0
     browser.save_screenshot(str(tmp_path / "index.png"))
@@ -111,7 +86,7 @@ def test_unit_page_renders_data_as_text(results, browser, tmp_path):
     assert tokens[0] == SCRIPT_TOKEN
     assert ATTRIBUTE_TOKEN in tokens or tokens[1] == SCRIPT_TOKEN
     assert browser.find_element(By.CSS_SELECTOR, "#explanation q").get_property("textContent") == EXPLANATION
-    assert len(browser.find_elements(By.CSS_SELECTOR, "#histogram div")) == tiny_config()["features"]["histogram_bins"]
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#histogram div")) == tiny_feature_settings().histogram_bins
     browser.save_screenshot(str(tmp_path / "unit.png"))
 
     neuron_link = browser.find_element(By.CSS_SELECTOR, ".links a")  # feature -> the neurons it draws on
@@ -138,7 +113,7 @@ def free_server(results: Path, config_path: Path):
 
 def test_interactive_neuroscope_returns_activations_for_typed_text(results, browser, tmp_path):
     config_path = tmp_path / "config.yaml"
-    config_path.write_text(yaml.safe_dump({"model": tiny_config()["model"]}))
+    config_path.write_text(yaml.safe_dump({"model": TINY_MODEL}))
     process, url = free_server(results, config_path)
     try:
         open_page(browser, url, ready=False)
@@ -164,7 +139,7 @@ def test_interactive_neuroscope_returns_activations_for_typed_text(results, brow
         with torch.no_grad():
             bridge = models.load_native(results / "model")
             acts = pretrained.run_to_hook(bridge, torch.tensor([ids]), "blocks.0.mlp.hook_post")
-            expected = sae.load_dictionary(results / "sae" / "x2").encode(acts)[0, :, 5].numpy()
+            expected = sae.load_sae(results / "sae" / "x2").encode(acts)[0, :, 5].numpy()
         strings = tokenize.token_strings(results / "tokenizer")
         assert "".join(s.get_property("textContent") for s in spans) == "".join(strings[t] for t in ids).replace("\n", "⏎")
         np.testing.assert_allclose(shown, expected, rtol=2e-2, atol=2e-3)  # titles show 3 significant digits

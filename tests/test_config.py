@@ -135,3 +135,50 @@ def test_batch_size_not_a_multiple_of_loader_streams_is_rejected_at_planning(bat
 def test_counts_that_size_a_whole_buffer_are_bounded_before_any_job(config, key):
     with pytest.raises(ConfigError, match=f"'{key}'.*GiB bound"):
         validate_config(config)
+
+
+def _stage_settings():
+    from monoscope.autointerp.client import ClientConfig
+    from monoscope.autointerp.pipeline import AutointerpSettings
+    from monoscope.evaluate import EvaluateSettings
+    from monoscope.features import FeatureSettings
+    from monoscope.harvest import HarvestSettings
+    from monoscope.train import TrainConfig
+
+    return [TrainConfig, FeatureSettings, AutointerpSettings, ClientConfig, EvaluateSettings, HarvestSettings]
+
+
+# Fields a stage's settings take from outside their own section: resolved per run, or the top-level seed.
+DERIVED_FIELDS = {"seed", "expansion_factor", "l1_coefficient"}
+
+
+@pytest.mark.parametrize("cls", _stage_settings(), ids=lambda cls: cls.__name__)
+def test_the_schema_is_the_only_source_of_defaults(cls):
+    import dataclasses
+
+    schema = yaml.safe_load(SCHEMA_PATH.read_text())["properties"][cls.SECTION]["properties"]
+    for field in dataclasses.fields(cls):
+        assert field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING, (
+            f"{cls.__name__}.{field.name} has a default of its own; the schema's {cls.SECTION}.{field.name} is the one")
+        assert field.name in schema or field.name in DERIVED_FIELDS, f"{cls.__name__}.{field.name} is not a {cls.SECTION} key"
+
+
+@pytest.mark.parametrize("cls", _stage_settings(), ids=lambda cls: cls.__name__)
+def test_settings_are_built_from_the_validated_section_alone(cls):
+    import dataclasses
+
+    from monoscope.config import default_settings, settings_from
+
+    config = validate_config({})
+    section = sae_runs(config)["x1_l1-5"] if cls.SECTION == "sae" else {"seed": config["seed"], **config[cls.SECTION]}
+    built = settings_from(cls, section)
+    assert all(getattr(built, field.name) == section[field.name] for field in dataclasses.fields(cls))
+    assert default_settings(cls) == built
+    assert default_settings(cls, seed=3).seed == 3 if hasattr(built, "seed") else True
+    with pytest.raises(TypeError):
+        default_settings(cls, no_such_key=1)
+
+
+def test_a_bad_concept_regex_is_refused_at_planning():
+    with pytest.raises(ConfigError, match=r"features\.concepts.*'broken'.*invalid regular expression"):
+        validate_config({"features": {"concepts": [{"name": "broken", "pattern": "("}]}})

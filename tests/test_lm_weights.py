@@ -5,25 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from tiny_hf import D_MLP, D_MODEL, FAMILIES, PADDED_VOCAB, TOKENIZER_VOCAB, save_tiny_model
+from tiny_hf import D_MLP, D_MODEL, FAMILIES, PADDED_VOCAB, TOKENIZER_VOCAB, hf_parts, save_tiny_model
 
 from monoscope import features, lm_weights, pretrained
 
 NORM = {"gpt2": "layernorm", "gpt_neox": "layernorm", "llama": "rmsnorm", "gemma3": "rmsnorm"}
-
-
-def hf_parts(model, family: str):
-    """(MLP up projection as [d_mlp, d_model] rows, MLP output module, post-MLP norm or None, final norm), from
-    the Hugging Face modules themselves, not through TransformerLens."""
-    if family == "gpt2":
-        block = model.transformer.h[1]
-        return block.mlp.c_fc.weight.T, block.mlp.c_proj, None, model.transformer.ln_f  # Conv1D: [d_in, d_out]
-    if family == "gpt_neox":
-        block = model.gpt_neox.layers[1]
-        return block.mlp.dense_h_to_4h.weight, block.mlp.dense_4h_to_h, None, model.gpt_neox.final_layer_norm
-    block = model.model.layers[1]
-    post = block.post_feedforward_layernorm if family == "gemma3" else None
-    return block.mlp.up_proj.weight, block.mlp.down_proj, post, model.model.norm
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

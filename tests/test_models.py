@@ -42,7 +42,8 @@ def test_training_lowers_the_loss_and_gives_back_a_model_that_returns_logits(tmp
         "model": {"native": {"d_model": 32, "d_mlp": 64, "n_heads": 2},
                   "train": {"tokens": 12800, "batch_size": 16, "lr": 0.01, "warmup_steps": 5, "eval_tokens": 1000}},
     })  # fmt: skip
-    summary = models.train_native(config, sequences[:128], sequences[128:], vocab, tmp_path, log=lambda _: None)
+    summary = models.train_native(config["model"]["native"], config["model"]["train"], config["seed"], sequences[:128],
+                                  sequences[128:], vocab, tmp_path, log=lambda _: None)
 
     assert summary["held_out_loss"] < 0.5 * np.log(vocab)  # from ~ln(64) = 4.2 untrained
     saved = json.loads((tmp_path / models.CONFIG).read_text())["training"]["summary"]

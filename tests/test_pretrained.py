@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import re
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+
+from conftest import job_counts, snakemake
 
 from monoscope import pretrained
 from monoscope.config import validate_config
@@ -101,15 +101,15 @@ def test_gguf_identity_follows_the_file_content(tmp_path):
     path = tmp_path / "model.gguf"
     cfg = {"source": "gguf", "name": "some/model", "gguf_file": str(path)}
     path.write_bytes(b"GGUF one")
-    first = pretrained.model_identity(cfg)
+    first = pretrained.pretrained_identity(cfg)
     path.write_bytes(b"GGUF two, longer")
-    second = pretrained.model_identity(cfg)
+    second = pretrained.pretrained_identity(cfg)
     assert first != second and second.startswith("gguf:some/model:model.gguf@sha256:")
 
 
 def test_native_source_has_no_pretrained_identity():
     with pytest.raises(ValueError, match="native"):
-        pretrained.model_identity({"source": "native", "name": "native-gelu-1l"})
+        pretrained.pretrained_identity({"source": "native", "name": "native-gelu-1l"})
 
 
 # --- hub models: the local cache first, a clear error when neither cache nor hub has it ---------
@@ -151,7 +151,7 @@ def test_hub_model_loads_from_the_cache_without_network(hub_cache, tmp_path):
     tokens = torch.tensor([tokenizer.encode("the cat sat on the mat")])
     acts = pretrained.run_to_hook(bridge, tokens, "blocks.1.mlp.hook_post")
     assert acts.shape == (1, tokens.shape[1], 128)
-    assert pretrained.model_identity(cfg) == f"hub:monoscope-test/tiny-gpt2@{commit}"
+    assert pretrained.pretrained_identity(cfg) == f"hub:monoscope-test/tiny-gpt2@{commit}"
 
 
 def test_hub_model_neither_cached_nor_reachable_fails_at_once_with_instructions(hub_cache, tmp_path):
@@ -163,7 +163,7 @@ def test_hub_model_neither_cached_nor_reachable_fails_at_once_with_instructions(
     assert "hf download monoscope-test/not-a-model --revision v1" in message
     assert "model.name: /path/to/a/model/folder" in message
     # Before the first download the identity is the revision as written.
-    assert pretrained.model_identity(cfg) == "hub:monoscope-test/not-a-model@v1"
+    assert pretrained.pretrained_identity(cfg) == "hub:monoscope-test/not-a-model@v1"
 
 
 def test_dataset_message_points_at_local_files():
@@ -190,15 +190,8 @@ def test_preset_l1_coefficients_are_on_monoscopes_per_token_scale(preset):
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_preset_dry_run_plans_a_pretrained_pipeline(preset, tmp_path):
-    snakemake = Path(sys.executable).with_name("snakemake")
-    result = subprocess.run(
-        [str(snakemake), "-n", "-s", str(ROOT / "Snakefile"), "--directory", str(tmp_path), "--cores", "1",
-         "--configfile", str(ROOT / "config" / f"{preset}.yaml")],
-        capture_output=True, text=True, cwd=ROOT,
-    )
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    jobs = dict(re.findall(r"^(\w+)\s+(\d+)$", result.stdout.split("Job stats:")[1], flags=re.M))
-    assert jobs["prepare_model"] == "1" and "train_lm" not in jobs and "train_tokenizer" not in jobs
+    jobs = job_counts(snakemake(tmp_path, "-n", "--cores", "1", "--configfile", str(ROOT / "config" / f"{preset}.yaml")).stdout)
+    assert jobs["prepare_model"] == 1 and "train_lm" not in jobs and "train_tokenizer" not in jobs
     assert not (tmp_path / "results").exists()  # planning touched neither hub nor disk
 
 

@@ -1,16 +1,24 @@
 """The SAE model file: architectures, raw-scale interface, unit-norm decoder, checkpoint round-trip."""
 
+import dataclasses
 import json
 import subprocess
 
 import pytest
 import torch
 
-from monoscope.sae import ARCHITECTURES, SAE, IdentityDictionary, SAEConfig, load_dictionary
+from monoscope.config import default_settings
+from monoscope.sae import ARCHITECTURES, SAE, load_sae
+from monoscope.train import TrainConfig, sae_config
+
+
+def sae_cfg(d_in: int, d_sae: int, **values):
+    """An SAEConfig as the trainer builds it from the schema's defaults, then `values`."""
+    return dataclasses.replace(sae_config(default_settings(TrainConfig), d_in), d_sae=d_sae, **values)
 
 
 def make_sae(architecture="relu", d_in=16, d_sae=64, **kwargs) -> SAE:
-    sae = SAE(SAEConfig(d_in=d_in, d_sae=d_sae, architecture=architecture, **kwargs), torch.Generator().manual_seed(0))
+    sae = SAE(sae_cfg(d_in, d_sae, architecture=architecture, **kwargs), torch.Generator().manual_seed(0))
     with torch.no_grad():
         sae.b_enc.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
         sae.b_dec.normal_(0, 0.1, generator=torch.Generator().manual_seed(2))
@@ -115,7 +123,7 @@ def test_save_and_load_round_trip(tmp_path, architecture):
     cfg = json.loads((tmp_path / "run" / "cfg.json").read_text())
     assert cfg["d_in"] == 16 and cfg["d_sae"] == 64 and cfg["architecture"] == architecture
     assert cfg["norm_scale"] == 1.7 and cfg["tokens_seen"] == 123 and cfg["hyperparameters"] == {"lr": 1e-4}
-    loaded = load_dictionary(tmp_path / "run")
+    loaded = load_sae(tmp_path / "run")
     assert not loaded.training
     x = torch.randn(7, 16)
     assert torch.equal(loaded.encode(x), sae.eval().encode(x))
@@ -125,21 +133,14 @@ def test_save_and_load_round_trip(tmp_path, architecture):
 
 def test_load_names_what_is_missing(tmp_path):
     with pytest.raises(FileNotFoundError, match="sae.safetensors"):
-        load_dictionary(tmp_path)
+        load_sae(tmp_path)
 
 
 def test_bad_config_is_explained():
     with pytest.raises(ValueError, match="unknown SAE architecture 'gated'"):
-        SAEConfig(d_in=4, d_sae=8, architecture="gated")
+        sae_cfg(4, 8, architecture="gated")
     with pytest.raises(ValueError, match="k=9"):
-        SAEConfig(d_in=4, d_sae=8, architecture="topk", k=9)
-
-
-def test_identity_dictionary_is_the_neurons():
-    neurons = IdentityDictionary(12)
-    x = torch.randn(2, 3, 12)
-    assert neurons.d_in == neurons.d_sae == 12
-    assert torch.equal(neurons.encode(x), x) and torch.equal(neurons.decode(x), x)
+        sae_cfg(4, 8, architecture="topk", k=9)
 
 
 @pytest.mark.parametrize("products", ["dense", "sparse"])

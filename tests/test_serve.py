@@ -19,9 +19,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from test_features import build_tiny_results, tiny_config
+from conftest import TINY_HOOK, TINY_MODEL, build_tiny_results
 
 from monoscope import serve
+from monoscope.layout import Layout
 
 
 def start(results: Path, config_path: Path, dictionary: str = "x2", port: int = 0) -> tuple[subprocess.Popen, int]:
@@ -42,7 +43,7 @@ def results(tmp_path_factory):
     build_tiny_results(root)
     (root / "report" / "browser").mkdir(parents=True)
     (root / "report" / "browser" / "held_out.html").write_text("held-out text")
-    (root / "config.yaml").write_text(yaml.safe_dump({"model": tiny_config()["model"]}))
+    (root / "config.yaml").write_text(yaml.safe_dump({"model": TINY_MODEL}))
     return root
 
 
@@ -176,7 +177,7 @@ class _Broken:
 @pytest.fixture(scope="module")
 def in_process(results):
     """The real Neuroscope in this process, so its dictionary can be swapped for a broken one; a 1 s socket timeout."""
-    scope = serve.Neuroscope(yaml.safe_load((results / "config.yaml").read_text()) | {"seed": 0}, results, "x2")
+    scope = serve.Neuroscope(TINY_MODEL, TINY_HOOK, Layout(results), "x2")
     original = serve.SOCKET_TIMEOUT_S
     serve.SOCKET_TIMEOUT_S = 1
     try:

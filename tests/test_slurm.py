@@ -15,7 +15,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
@@ -24,11 +23,9 @@ import numpy as np
 import pytest
 import yaml
 
-from monoscope import store
+from conftest import REPO, TINY, job_counts, snakemake
 
-REPO = Path(__file__).resolve().parents[1]
-SNAKEMAKE = Path(sys.executable).with_name("snakemake")
-TINY = REPO / "tests" / "config" / "tiny.yaml"
+from monoscope import store
 SUDO = [] if os.geteuid() == 0 else ["sudo", "-n", "--preserve-env=SLURM_NODE_CPUS,SLURM_NODE_MEM_MB,SLURM_FAKE_GPUS"]
 # Rules that run a model or a dictionary over activations ask Slurm for a GPU; the others must not.
 GPU_RULES = {"train_lm", "harvest", "train_sae", "evaluate", "features"}
@@ -41,10 +38,6 @@ def run(cmd: list[str], check: bool = True, **kwargs) -> subprocess.CompletedPro
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}")
     return result
-
-
-def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    return run([str(SNAKEMAKE), "-s", str(REPO / "Snakefile"), "--directory", str(workdir), *args], check=check)
 
 
 def on_slurm(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -125,9 +118,9 @@ def _cluster_and_slurm_run(started_here: list) -> tuple[Path, set[str]]:
     workdir = Path(tempfile.mkdtemp(prefix="monoscope-slurm-"))
     tiny_config(workdir)
     plan = snakemake(workdir, "-n", "--configfile", str(workdir / "c.yaml")).stdout
-    planned = set(re.findall(r"^(\w+)\s+\d+$", plan.split("Job stats:")[1].split("Reasons:")[0], flags=re.M))
+    planned = set(job_counts(plan))
     on_slurm(workdir)
-    return workdir, planned - {"all", "total"}
+    return workdir, planned - {"all"}
 
 
 @pytest.fixture(scope="module")
@@ -210,7 +203,7 @@ def test_a_failed_job_fails_the_run_naming_its_log_and_a_rerun_resumes(slurm_run
 
     metrics.write_text(good)
     plan = snakemake(workdir, "-n", "--configfile", str(workdir / "c.yaml")).stdout
-    assert re.findall(r"^(\w+)\s+\d+$", plan.split("Job stats:")[1], flags=re.M) == ["report", "all", "total"]
+    assert list(job_counts(plan)) == ["report", "all"]
     on_slurm(workdir)
     assert rule_of(slurm_jobs(workdir)[-1]) == "report"
 
@@ -219,11 +212,8 @@ def test_dry_run_shows_an_sae_job_on_n_gpus_launched_by_accelerate(tmp_path):
     tiny_config(tmp_path, gpus=4)
     cluster_settings = {"MONOSCOPE_SLURM_PARTITION": "cpu-q", "MONOSCOPE_SLURM_GPU_PARTITION": "gpu-q",
                         "MONOSCOPE_SLURM_ACCOUNT": "lab-7"}  # fmt: skip
-    plan = run(
-        [str(SNAKEMAKE), "-s", str(REPO / "Snakefile"), "--directory", str(tmp_path), "-n",
-         "--profile", "profiles/slurm", "--configfile", str(tmp_path / "c.yaml")],
-        env={**os.environ, **cluster_settings},
-    ).stdout  # fmt: skip
+    plan = snakemake(tmp_path, "-n", "--profile", "profiles/slurm", "--configfile", str(tmp_path / "c.yaml"),
+                     env={**os.environ, **cluster_settings}).stdout
     blocks = plan.split("\n\n")
     train_sae = [block for block in blocks if "rule train_sae:" in block]
     assert len(train_sae) == 2

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from monoscope import harvest, store
-from monoscope.config import validate_config
+from monoscope.config import default_settings
 
 
 def _write(path, n_seq=12, context=8, d=4, zero_tokens=False, chunk_seqs=2):
@@ -104,10 +104,10 @@ def test_a_harvest_that_overflows_names_the_shard_and_leaves_no_store(tmp_path, 
         return acts
 
     monkeypatch.setattr(harvest, "run_to_hook", run_to_hook)
-    config = validate_config({"harvest": {"batch_size": 2}})
+    settings = default_settings(harvest.HarvestSettings, batch_size=2)
     out = tmp_path / "act" / "train_003.zarr"
     with pytest.raises(harvest.NonFiniteActivations, match=r"train_003.zarr: 4 activation.*sequence 3, position 5"):
-        harvest.harvest_shard(config, None, "m", tmp_path / "train_003.zarr", out, log=lambda _: None)
+        harvest.harvest_shard(settings, None, "m", "blocks.0.mlp.hook_post", tmp_path / "train_003.zarr", out, log=lambda _: None)
     assert not out.exists() and list(out.parent.iterdir()) == []
 
 

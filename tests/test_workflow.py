@@ -4,37 +4,19 @@ import json
 import re
 import shlex
 import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
 
+from conftest import REPO, TINY, job_counts, snakemake, snakemake_command
+
 from monoscope import store
-
-REPO = Path(__file__).resolve().parents[1]
-SNAKEMAKE = Path(sys.executable).with_name("snakemake")
-TINY = REPO / "tests" / "config" / "tiny.yaml"
-
-
-def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    cmd = [str(SNAKEMAKE), "-s", str(REPO / "Snakefile"), "--directory", str(workdir), "--cores", "2", *args]
-    result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
-    return result
-
 
 def planned_jobs(workdir: Path, *args: str) -> dict[str, int]:
     """Rule -> job count from a dry run's job-stats table ({} when there is nothing to do)."""
-    out = snakemake(workdir, "-n", *args).stdout
-    if "Nothing to be done" in out:
-        return {}
-    table = out.split("Job stats:")[1].split("Reasons:")[0]
-    counts = dict(re.findall(r"^(\w+)\s+(\d+)$", table, flags=re.M))
-    counts.pop("total", None)
-    return {rule: int(n) for rule, n in counts.items()}
+    return job_counts(snakemake(workdir, "-n", *args).stdout)
 
 
 def write_config(path: Path, **overrides) -> Path:
@@ -169,8 +151,8 @@ def test_the_sae_shell_command_survives_a_checkout_path_with_spaces(tmp_path, gp
     workdir = tmp_path / "work dir"
     workdir.mkdir()
     config = write_config(workdir / "c.yaml", **{"sae.gpus": gpus})
-    cmd = [str(SNAKEMAKE), "results/sae/x2_l1-5/sae.safetensors", "-s", str(checkout / "Snakefile"), "--directory",
-           str(workdir), "--cores", "2", "-n", "-p", "--configfile", str(config)]
+    cmd = snakemake_command(workdir, "results/sae/x2_l1-5/sae.safetensors", "--cores", "2", "-n", "-p", "--configfile", str(config),
+                            snakefile=checkout / "Snakefile")
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=checkout, check=True).stdout
     line = next(line for line in out.splitlines() if "train_sae.py" in line)
     argv = shlex.split(line.split(" > ")[0].removeprefix("Shell command: "))

@@ -77,3 +77,17 @@ def save_tiny_model(family: str, folder: Path) -> Path:
     hf_model(family, tok.eos_token_id).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
+
+
+def hf_parts(model, family: str):
+    """(MLP up projection as [d_mlp, d_model] rows, MLP output module, post-MLP norm or None, final norm), from
+    the Hugging Face modules themselves, not through TransformerLens."""
+    if family == "gpt2":
+        block = model.transformer.h[1]
+        return block.mlp.c_fc.weight.T, block.mlp.c_proj, None, model.transformer.ln_f  # Conv1D: [d_in, d_out]
+    if family == "gpt_neox":
+        block = model.gpt_neox.layers[1]
+        return block.mlp.dense_h_to_4h.weight, block.mlp.dense_4h_to_h, None, model.gpt_neox.final_layer_norm
+    block = model.model.layers[1]
+    post = block.post_feedforward_layernorm if family == "gemma3" else None
+    return block.mlp.up_proj.weight, block.mlp.down_proj, post, model.model.norm

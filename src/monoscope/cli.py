@@ -10,8 +10,9 @@ from pathlib import Path
 def _serve(args: argparse.Namespace) -> int:
     import yaml
 
-    from monoscope.config import ConfigError, validate_config
-    from monoscope.serve import make_server
+    from monoscope.config import ConfigError, hook_name, validate_config
+    from monoscope.layout import Layout
+    from monoscope.serve import Neuroscope, make_server
 
     config_path = Path(args.config)
     if not config_path.exists():
@@ -19,7 +20,9 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     try:
         config = validate_config(yaml.safe_load(config_path.read_text()) or {})
-        server = make_server(config, args.results, args.dictionary, args.port)
+        results = Layout(args.results)
+        scope = Neuroscope(config["model"], hook_name(config), results, args.dictionary)
+        server = make_server(scope, results, args.port)
     except (ConfigError, OSError, KeyError, ValueError) as error:  # one line, not a traceback
         filename = f": {error.filename}" if getattr(error, "filename", None) else ""
         print(f"monoscope serve: {getattr(error, 'strerror', None) or error}{filename}", file=sys.stderr)

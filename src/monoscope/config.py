@@ -8,10 +8,13 @@ message that names the offending key, before any job starts.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import functools
 import math
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import jsonschema
 import yaml
@@ -97,6 +100,36 @@ def validate_config(config: dict[str, Any]) -> dict[str, Any]:
     return _sorted_keys(config)
 
 
+@functools.cache
+def _defaults() -> dict[str, Any]:
+    return validate_config({})
+
+
+def default_config() -> dict[str, Any]:
+    """The schema's defaults, validated: what an empty config file means (a fresh copy each call)."""
+    return copy.deepcopy(_defaults())
+
+
+Settings = TypeVar("Settings")
+
+
+def settings_from(cls: type[Settings], section: Mapping[str, Any], **derived: Any) -> Settings:
+    """A stage's typed settings (a dataclass whose fields have no defaults; its SECTION names its config
+    section) from the validated section: the schema filled every default, so no field falls back to a
+    second copy of one. Keys the stage does not read (e.g. autointerp.enabled, read by the Snakefile) are
+    left out; `derived` are fields from elsewhere in the config (the seed) or resolved per run."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{key: value for key, value in section.items() if key in names and key not in derived}, **derived)
+
+
+def default_settings(cls: type[Settings], **overrides: Any) -> Settings:
+    """`cls` from the schema's defaults, with `overrides` (each must be a field): for tests, benchmarks and
+    notebooks, which so never hold a copy of a default either. The sae section resolves to its first run."""
+    config = default_config()
+    section = next(iter(sae_runs(config).values())) if cls.SECTION == "sae" else {"seed": config["seed"], **config[cls.SECTION]}
+    return settings_from(cls, section, **overrides)
+
+
 def _non_finite_keys(value: Any, path: str):
     """(key path, value) of every NaN or infinity anywhere in the config, lists included."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -159,6 +192,14 @@ def _cross_key_problems(config: dict[str, Any]):
             yield f"config key 'model.native.n_heads': d_model={native['d_model']} is not divisible by {native['n_heads']} heads"
     elif model["source"] == "gguf" and not model["gguf_file"]:
         yield "config key 'model.gguf_file': model.source is 'gguf' but no file is named"
+    concepts = config["features"]["concepts"]
+    if concepts is not None:
+        from monoscope.probes import compile_concepts
+
+        try:
+            compile_concepts(concepts)
+        except ValueError as error:
+            yield f"config key 'features.concepts': {error}"
     yield from _memory_problems(config)
     key_env = config["autointerp"]["api_key_env"]
     if key_env and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key_env):
@@ -220,11 +261,13 @@ def sae_name(expansion_factor: int, l1_coefficient: float) -> str:
 
 
 SWEEP_KEYS = ("expansion_factors", "l1_coefficients")
+# Where and how the jobs run, not what they compute: read by the Snakefile, never by the trainer.
+SCHEDULING_KEYS = ("gpus", "train_jointly")
 
 
 def sae_runs(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Every SAE of the sweep: name -> its own resolved hyper-parameters (what its job depends on)."""
-    shared = {k: v for k, v in config["sae"].items() if k not in SWEEP_KEYS}
+    shared = {k: v for k, v in config["sae"].items() if k not in SWEEP_KEYS + SCHEDULING_KEYS}
     runs = {}
     for factor in config["sae"]["expansion_factors"]:
         for l1 in config["sae"]["l1_coefficients"]:

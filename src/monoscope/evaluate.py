@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import itertools
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
@@ -14,8 +15,22 @@ from tqdm import tqdm
 
 from monoscope import models, store
 from monoscope.atomic import atomic_path, write_text
-from monoscope.config import NEURONS, hook_name
+from monoscope.config import NEURONS
+from monoscope.dictionary import open_dictionary
 from monoscope.runtime import device
+
+
+@dataclass(frozen=True)
+class EvaluateSettings:
+    """The `evaluate` config section; workflow/schemas/config.schema.yaml documents each key and holds its default."""
+
+    SECTION: ClassVar[str] = "evaluate"
+
+    max_seqs: int  # held-out sequences the losses, reconstruction score, MSE and FVU are measured on
+    density_tokens: int  # held-out tokens the densities and L0 are measured on (the encoder alone)
+    batch_size: int  # sequences per forward pass
+    dense_log10_density: float  # dense: firing on more than 10^this of tokens
+    live_log10_density: float  # live: firing on at least 10^this of tokens; fewer (but some) is ultralow
 
 
 def reconstruction_score(clean_loss: float, recons_loss: float, zero_abl_loss: float) -> float:
@@ -33,14 +48,6 @@ def density_bands(density: np.ndarray, live_threshold: float) -> dict[str, int]:
     dead = int((density == 0).sum())
     live = int((density >= live_threshold).sum())
     return {"dead": dead, "ultralow": len(density) - dead - live, "live": live}
-
-
-def load_dictionary(name: str, sae_dir: str | Path | None, d_in: int) -> torch.nn.Module:
-    from monoscope import sae
-
-    if name == NEURONS:
-        return sae.IdentityDictionary(d_in)
-    return sae.load_dictionary(sae_dir).eval()
 
 
 class FeatureStats:
@@ -105,21 +112,22 @@ class FeatureStats:
 
 @torch.no_grad()
 def evaluate_dictionary(
-    config: dict[str, Any],
+    settings: EvaluateSettings,
+    model: dict[str, Any],
+    model_dir: str | Path,
+    hook: str,
     name: str,
     sae_dir: str | Path | None,
-    model_dir: str | Path,
     eval_stores: list[str | Path],
     out_dir: str | Path,
     log=print,
 ) -> dict[str, Any]:
-    """Write metrics.json and features.parquet for one dictionary on the held-out stores."""
-    settings = config["evaluate"]
-    hook = hook_name(config)
-    bridge = models.load_model(config, model_dir)
+    """Write metrics.json, features.parquet and codes.safetensors for one dictionary on the held-out stores,
+    with the model (the `model` config section, its outputs in model_dir) spliced at `hook`."""
+    bridge = models.load_model(model, model_dir)
     stores = [store.open_activations(p) for p in eval_stores]
     d_in = stores[0].d
-    dictionary = load_dictionary(name, sae_dir, d_in).to(device())
+    dictionary = open_dictionary(name, sae_dir, d_in, device())
     stats = FeatureStats(dictionary.d_sae, keep_codes=name != NEURONS)
     sq_err = 0.0
     act_sum = torch.zeros(d_in, dtype=torch.float64)
@@ -132,8 +140,8 @@ def evaluate_dictionary(
 
     # The losses need three forward passes of the model per block; feature densities only the encoder,
     # so they are measured on many more tokens: rare features are not miscounted as dead.
-    loss_budget, density_budget = settings["max_seqs"], settings["density_tokens"]
-    blocks = itertools.chain.from_iterable(store.iter_sequence_blocks(s, settings["batch_size"]) for s in stores)
+    loss_budget, density_budget = settings.max_seqs, settings.density_tokens
+    blocks = itertools.chain.from_iterable(store.iter_sequence_blocks(s, settings.batch_size) for s in stores)
     progress = tqdm(total=loss_budget, desc=f"evaluate {name}", mininterval=10)
     n_tokens = 0  # tokens the losses and reconstruction errors are measured on
     for tokens, acts in blocks:
@@ -163,8 +171,8 @@ def evaluate_dictionary(
     total_variance = act_sq_sum - n_tokens * mean.pow(2).sum().item()  # sum over tokens of |x - mean|^2
     losses = {k: v / n_seq for k, v in losses.items()}
     table = stats.table()
-    dense_threshold = 10 ** settings["dense_log10_density"]
-    live_threshold = 10 ** settings["live_log10_density"]
+    dense_threshold = 10 ** settings.dense_log10_density
+    live_threshold = 10 ** settings.live_log10_density
     bands = density_bands(table["density"].to_numpy(), live_threshold)
     hyperparameters = {} if name == NEURONS else dictionary.cfg.hyperparameters
     metrics = {

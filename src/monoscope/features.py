@@ -6,7 +6,7 @@ tokens read:
     quantile  per_bin sequences drawn (seeded, uniformly) from each of quantile_bins activation intervals
     histogram activation counts in histogram_bins bins on (0, max] (+1 bin for "inactive", <= 0), for all
               tokens and, per concept, for the tokens the concept labels: AUROC per concept follows
-    density, mean and max
+(density, mean and max are the evaluation's, computed once per dictionary: monoscope.dictionary.read_unit_stats)
 so memory is O(d_sae * ((top_k + quantile_bins * per_bin) * window + (n_concepts + 1) * histogram_bins)).
 The same pass keeps the exact activations of `probe_seqs` sampled sequences (monoscope.concept_comparison:
 entries for sparse dictionaries, O(probe_seqs * context * L0)) for the held-out features-versus-neurons
@@ -32,9 +32,9 @@ import json
 import time
 import warnings
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
@@ -43,7 +43,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from monoscope import __version__, concept_comparison, store
-from monoscope.config import NEURONS, hook_name
+from monoscope.config import NEURONS
+from monoscope.dictionary import UNIT_STAT_COLUMNS, open_dictionary, read_unit_stats
 from monoscope.lm_weights import LMWeights, read_weights
 from monoscope.probes import DEFAULT_CONCEPTS, ConceptLabeler, auroc_from_histograms, compile_concepts
 from monoscope.atomic import atomic_path, savefig
@@ -54,60 +55,37 @@ RESIDUAL_HOOKS = ("hook_mlp_out", "mlp.hook_out")  # the stored vectors are writ
 
 @dataclass(frozen=True)
 class FeatureSettings:
-    """The `features` config block (workflow/schemas/config.schema.yaml documents each key)."""
+    """The `features` config section and the run's seed; workflow/schemas/config.schema.yaml documents
+    each key and holds its default (build with monoscope.config.settings_from)."""
 
-    top_k: int = 20  # max-activating sequences kept per unit
-    quantile_bins: int = 8  # activation intervals (equal width on [0, max]) sampled from
-    per_bin: int = 3  # sequences sampled per interval
-    context_tokens: int = 8  # tokens shown either side of the example's activating token
-    histogram_bins: int = 32  # activation histogram bins per unit (also the resolution of the all-token AUROC)
-    logit_tokens: int = 10  # top and bottom tokens of the logit weights
-    neighbours: int = 8  # neurons listed per feature, features per neuron
-    ablation_top: int = 16  # ablate this many of the densest units
-    ablation_units: list[int] = field(default_factory=list)  # and these
-    ablation_seqs: int = 32  # held-out sequences the ablation loss is measured on
-    max_seqs: int | None = None  # held-out sequences read by the pass (None: all)
-    block_mib: int = 256  # memory for one block of unit activations; sets the sequences per block
-    rare_log10_density: float = -4.0  # features below this log10 density count as rare
-    rare_sample: int = 2048  # features sampled per group for the similarity figure
-    seed: int = 0
-    concepts: list[dict[str, str]] = field(default_factory=lambda: [dict(c) for c in DEFAULT_CONCEPTS])
-    probe_seqs: int = 2048  # held-out sequences whose exact activations the held-out comparison keeps
-    probe_report_fraction: float = 0.5  # of those, the report part; the rest is the selection part
-    probe_k: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])  # units per k-sparse probe
-    probe_bootstrap: int = 200  # resamples of the report part's sequences for the AUROC intervals
-    specificity_thresholds: list[float] = field(default_factory=lambda: [0.2, 0.5, 0.8])  # tau: activation > tau * max
-    specificity_min_tokens: int = 10  # a unit counts at a tau when this many report tokens pass it
+    SECTION: ClassVar[str] = "features"
 
-    @classmethod
-    def from_config(cls, config: dict[str, Any]) -> FeatureSettings:
-        section = dict(config.get("features") or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(section) - known)
-        if unknown:
-            raise ValueError(f"unknown features config key(s): {', '.join(unknown)} (allowed: {', '.join(sorted(known))})")
-        section.setdefault("seed", config.get("seed", 0))
-        if section.get("concepts") is None:  # null: the built-in concepts for Python source
-            section.pop("concepts", None)
-        settings = cls(**section)
-        for key in ("top_k", "quantile_bins", "per_bin", "histogram_bins", "logit_tokens", "neighbours", "block_mib"):
-            if getattr(settings, key) < 1:
-                raise ValueError(f"config key 'features.{key}' must be at least 1, got {getattr(settings, key)}")
-        for key in ("probe_seqs", "specificity_min_tokens"):
-            if getattr(settings, key) < 1:
-                raise ValueError(f"config key 'features.{key}' must be at least 1, got {getattr(settings, key)}")
-        if not 0 < settings.probe_report_fraction < 1:
-            raise ValueError(f"config key 'features.probe_report_fraction' must be in (0, 1), got {settings.probe_report_fraction}")
-        if not settings.probe_k or min(settings.probe_k) < 1:
-            raise ValueError(f"config key 'features.probe_k' needs k values of at least 1, got {settings.probe_k}")
-        if settings.probe_bootstrap < 0:
-            raise ValueError(f"config key 'features.probe_bootstrap' must be >= 0, got {settings.probe_bootstrap}")
-        if not settings.specificity_thresholds or not all(0 <= t < 1 for t in settings.specificity_thresholds):
-            raise ValueError(f"config key 'features.specificity_thresholds' needs values in [0, 1), got {settings.specificity_thresholds}")
-        if settings.context_tokens < 0:
-            raise ValueError(f"config key 'features.context_tokens' must be >= 0, got {settings.context_tokens}")
-        compile_concepts(settings.concepts)
-        return settings
+    top_k: int  # max-activating sequences kept per unit
+    quantile_bins: int  # activation intervals (equal width on [0, max]) sampled from
+    per_bin: int  # sequences sampled per interval
+    context_tokens: int  # tokens shown either side of the example's activating token
+    histogram_bins: int  # activation histogram bins per unit (also the resolution of the all-token AUROC)
+    logit_tokens: int  # top and bottom tokens of the logit weights
+    neighbours: int  # neurons listed per feature, features per neuron
+    ablation_top: int  # ablate this many of the densest units
+    ablation_units: list[int]  # and these
+    ablation_seqs: int  # held-out sequences the ablation loss is measured on
+    max_seqs: int | None  # held-out sequences read by the pass (None: all)
+    block_mib: int  # memory for one block of unit activations; sets the sequences per block
+    rare_log10_density: float  # features below this log10 density count as rare
+    rare_sample: int  # features sampled per group for the similarity figure
+    seed: int  # the config's seed: the probe split, quantile sampling, rare-feature sample
+    concepts: list[dict[str, str]] | None  # None: the built-ins for Python source (monoscope.probes.DEFAULT_CONCEPTS)
+    probe_seqs: int  # held-out sequences whose exact activations the held-out comparison keeps
+    probe_report_fraction: float  # of those, the report part; the rest is the selection part
+    probe_k: list[int]  # units per k-sparse probe
+    probe_bootstrap: int  # resamples of the report part's sequences for the AUROC intervals
+    specificity_thresholds: list[float]  # tau: activation > tau * max
+    specificity_min_tokens: int  # a unit counts at a tau when this many report tokens pass it
+
+    @property
+    def concept_list(self) -> list[dict[str, str]]:
+        return [dict(c) for c in DEFAULT_CONCEPTS] if self.concepts is None else self.concepts
 
     @property
     def window(self) -> int:
@@ -191,9 +169,6 @@ class StreamingAnalysis:
         self.active_histogram = torch.zeros(d_sae * n_bins, dtype=torch.int64)
         self.active_concept_histograms = torch.zeros(n_concepts, d_sae * n_bins, dtype=torch.int64)
         self.concept_tokens = torch.zeros(n_concepts, dtype=torch.int64)
-        self.fires = torch.zeros(d_sae, dtype=torch.int64)
-        self.total = torch.zeros(d_sae, dtype=torch.float64)
-        self.max = torch.full((d_sae,), -torch.inf)
         self.n_tokens = 0
         self.n_seq = 0
         self.top = _Examples(1, settings.top_k, d_sae, settings.window)
@@ -208,8 +183,6 @@ class StreamingAnalysis:
         active = flat > 0
         token, unit = active.nonzero(as_tuple=True)  # only active entries are counted: SAEs are sparse
         values = flat[token, unit]
-        self.fires.index_add_(0, unit, torch.ones_like(unit))
-        self.total.index_add_(0, unit, values.double())
         self.n_tokens += b * s
         h = settings.histogram_bins
         bins = (values / self.upper[unit] * h).ceil().clamp(1, h).long() + unit * (h + 1)  # flat (unit, bin) index
@@ -224,7 +197,6 @@ class StreamingAnalysis:
                 self.probe_sample.add(self.n_seq, f, labels.view(b, s, -1))
 
         seq_max = f.amax(dim=1)  # [b, d]
-        self.max = torch.maximum(self.max, seq_max.amax(0))
         ctx = settings.context_tokens
         self.top.offer(seq_max[None], seq_max, f, self.n_seq, ctx)
         q = settings.quantile_bins
@@ -243,9 +215,6 @@ class StreamingAnalysis:
         """[d_sae, histogram_bins + 1]: bin 0 counts inactive tokens (<= 0, as for density; GELU's small
         negative values included), bins 1..H split (0, upper]; larger values count in bin H."""
         return self._with_inactive_bin(self.active_histogram, self.n_tokens)[0]
-
-    def density(self) -> np.ndarray:
-        return (self.fires.double() / max(1, self.n_tokens)).numpy()
 
     def aurocs(self) -> np.ndarray:
         """[n_concepts, d_sae]."""
@@ -483,28 +452,35 @@ def ablation_effects(bridge, dictionary, tokens: np.ndarray, hook: str, units: S
 # --- the whole analysis for one dictionary --------------------------------------------------------
 
 
-def analyse_dictionary(config: dict[str, Any], name: str, sae_dir: str | Path | None, model_dir: str | Path,
-                       tokenizer_dir: str | Path, eval_stores: Sequence[str | Path], eval_features: str | Path,
-                       out_dir: str | Path, log=print, eval_codes: str | Path | None = None) -> dict[str, Any]:
-    """Write results/features/<name>/ for one dictionary ("neurons" or an SAE checkpoint in sae_dir);
-    eval_codes: the evaluation's codes of the held-out tokens, reused where they cover the pass."""
-    from monoscope import evaluate, models, tokenize
+def analyse_dictionary(settings: FeatureSettings, model: dict[str, Any], model_dir: str | Path, hook: str, name: str,
+                       sae_dir: str | Path | None, *, tokenizer_dir: str | Path, eval_stores: Sequence[str | Path],
+                       unit_stats: str | Path, eval_codes: str | Path | None, out_dir: str | Path, log=print) -> dict[str, Any]:
+    """Write results/features/<name>/ for one dictionary ("neurons" or an SAE checkpoint in sae_dir), with the
+    model (the `model` config section, its outputs in model_dir) hooked at `hook`. unit_stats: the evaluation's
+    per-unit statistics (dictionary.read_unit_stats); eval_codes: its codes of the held-out tokens, reused
+    where they cover the pass."""
+    from monoscope import models, tokenize
     from monoscope.runtime import device as pick_device
 
-    settings = FeatureSettings.from_config(config)
-    hook = hook_name(config)
     device = pick_device()
     stores = [store.open_activations(p) for p in eval_stores]
-    dictionary = evaluate.load_dictionary(name, sae_dir, stores[0].d).to(device)
     strings = tokenize.token_strings(tokenizer_dir)
-    labeler = ConceptLabeler(compile_concepts(settings.concepts), strings)
-    bridge = models.load_model(config, model_dir)
-    lm = read_weights(bridge, int(hook.split(".")[1]), n_vocab=len(strings))
-    upper = torch.from_numpy(pd.read_parquet(eval_features)["max_activation"].to_numpy(np.float32, copy=True))
-    if len(upper) != dictionary.d_sae:
-        raise ValueError(f"{eval_features} has {len(upper)} units but dictionary '{name}' has {dictionary.d_sae}")
-    codes = Codes(eval_codes) if eval_codes is not None else None
-    result = analyse(name, dictionary, stores, settings, upper, labeler, bridge, lm, hook, device, codes)
+    bridge = models.load_model(model, model_dir)
+    inputs = PassInputs(
+        name=name,
+        dictionary=open_dictionary(name, sae_dir, stores[0].d, device),
+        stores=stores,
+        stats=read_unit_stats(unit_stats),
+        labeler=ConceptLabeler(compile_concepts(settings.concept_list), strings),
+        bridge=bridge,
+        lm=read_weights(bridge, int(hook.split(".")[1]), n_vocab=len(strings)),
+        hook=hook,
+        device=device,
+        codes=Codes(eval_codes) if eval_codes is not None else None,
+    )
+    if len(inputs.stats) != inputs.dictionary.d_sae:
+        raise ValueError(f"{unit_stats} has {len(inputs.stats)} units but dictionary '{name}' has {inputs.dictionary.d_sae}")
+    result = analyse(inputs, settings)
     write_outputs(result, out_dir, provenance={
         "name": name, "hook": hook, "eval_stores": [str(p) for p in eval_stores], "sae_dir": str(sae_dir) if sae_dir else None,
         "package_version": __version__, "store_attrs": stores[0].attrs,
@@ -513,43 +489,54 @@ def analyse_dictionary(config: dict[str, Any], name: str, sae_dir: str | Path | 
     return result["summary"]
 
 
-def analyse(name, dictionary, stores, settings: FeatureSettings, upper, labeler, bridge, lm: LMWeights, hook, device="cpu", codes=None):
-    """The analyses, in memory: {"units": DataFrame, "examples": {..}, "weights": {..}, "summary": {..}, "rare": {..}|None}."""
-    timings = {}
-    start = time.perf_counter()
-    analysis, tokens = run_pass(dictionary, stores, settings, upper, labeler, device, desc=f"features {name}", codes=codes)
-    timings["pass_s"] = time.perf_counter() - start
-    timings["pass_tokens_per_s"] = analysis.n_tokens / timings["pass_s"]
+@dataclass(frozen=True)
+class PassInputs:
+    """What the analyses of one dictionary read."""
 
-    density = analysis.density()
-    fires = analysis.fires.numpy()
-    units = pd.DataFrame({
-        "unit": np.arange(dictionary.d_sae),
-        "density": density,
-        "log10_density": np.log10(np.maximum(density, 1e-10)),
-        "mean_activation": analysis.total.numpy() / np.maximum(fires, 1),
-        "max_activation": analysis.max.numpy(),
-    })
+    name: str
+    dictionary: torch.nn.Module  # monoscope.dictionary.open_dictionary
+    stores: Sequence[store.ActivationStore]  # the held-out activation stores
+    stats: pd.DataFrame  # the evaluation's per-unit statistics: density, mean and max activation
+    labeler: ConceptLabeler
+    bridge: Any  # the model, for ablations
+    lm: LMWeights  # its weights in TransformerLens orientation, for logit weights and neuron geometry
+    hook: str
+    device: str = "cpu"
+    codes: Codes | None = None  # the evaluation's codes of the held-out tokens
+
+
+def unit_table(stats: pd.DataFrame) -> pd.DataFrame:
+    """One row per unit from the evaluation's statistics (computed once per dictionary, read by every stage)."""
+    return pd.DataFrame({"unit": stats["feature"].to_numpy(), **{k: stats[k].to_numpy() for k in UNIT_STAT_COLUMNS}})
+
+
+def concept_columns(analysis: StreamingAnalysis, labeler: ConceptLabeler, settings: FeatureSettings,
+                    units: pd.DataFrame) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Adds each unit's best concept (all tokens, binned) and held-out columns to `units`; returns the
+    per-concept summary and the held-out comparison."""
+    if not len(labeler.concepts):
+        return {}, None
     aurocs = analysis.aurocs()  # [C, d_sae]
-    concept_summary, held_out = {}, None
-    if len(labeler.concepts):
-        filled = np.nan_to_num(aurocs, nan=-1.0)
-        best_concept = filled.argmax(0)
-        units["best_concept"] = [labeler.names[c] for c in best_concept]  # describes a unit: all tokens, binned
-        units["best_concept_auroc"] = filled.max(0)
-        for c, concept in enumerate(labeler.names):
-            units[f"auroc_{concept}"] = aurocs[c]
-        start = time.perf_counter()
-        held_out = held_out_comparison(analysis, labeler.names, settings, units)
-        timings["held_out_s"] = time.perf_counter() - start
-        for c, concept in enumerate(labeler.names):
-            single = held_out["concepts"][concept]["single_unit"] or {}
-            concept_summary[concept] = {"positive_fraction": float(analysis.concept_tokens[c]) / analysis.n_tokens,
-                                        "best_unit": single.get("unit"), "best_auroc": single.get("auroc", float("nan")),
-                                        "sparse_probe": held_out["concepts"][concept]["sparse_probe"]}
+    filled = np.nan_to_num(aurocs, nan=-1.0)
+    units["best_concept"] = [labeler.names[c] for c in filled.argmax(0)]  # describes a unit: all tokens, binned
+    units["best_concept_auroc"] = filled.max(0)
+    for c, concept in enumerate(labeler.names):
+        units[f"auroc_{concept}"] = aurocs[c]
+    held_out = held_out_comparison(analysis, labeler.names, settings, units)
+    summary = {}
+    for c, concept in enumerate(labeler.names):
+        single = held_out["concepts"][concept]["single_unit"] or {}
+        summary[concept] = {"positive_fraction": float(analysis.concept_tokens[c]) / analysis.n_tokens,
+                            "best_unit": single.get("unit"), "best_auroc": single.get("auroc", float("nan")),
+                            "sparse_probe": held_out["concepts"][concept]["sparse_probe"]}
+    return summary, held_out
 
-    start = time.perf_counter()
-    directions = unit_directions(dictionary, device)  # [d_sae, d_in]
+
+def weight_analyses(inputs: PassInputs, settings: FeatureSettings, directions: torch.Tensor,
+                    units: pd.DataFrame) -> tuple[dict[str, np.ndarray], str]:
+    """Logit weights, and neuron geometry (w_in/w_out cosines, added to `units`) or neighbours; with a note
+    on how the logit weights were computed."""
+    lm, hook = inputs.lm, inputs.hook
     resid, logit_note = residual_directions(directions, lm, hook)
     weights: dict[str, np.ndarray] = {}
     if resid is not None:
@@ -558,20 +545,68 @@ def analyse(name, dictionary, stores, settings: FeatureSettings, upper, labeler,
         logit_note += f", {lm.final_norm} final norm folded in"
         if lm.layer < lm.n_layers - 1:
             logit_note += "; approximate: later layers also read this direction"
-    if name == NEURONS:
+    else:
+        logit_note = f"none: {logit_note}"
+    if inputs.name == NEURONS:
         cosine = neuron_in_out_cosine(lm, hook)
         if cosine is not None:
             units["cos_in_out"] = cosine
     elif hook.endswith(NEURON_BASIS_HOOKS):
         weights.update(neighbours(directions, settings.neighbours))
+    return weights, logit_note
+
+
+def ablated_units(density: np.ndarray, settings: FeatureSettings) -> list[int]:
+    """The ablation_top densest units, then the configured ones; each must exist."""
+    units = list(dict.fromkeys([int(u) for u in np.argsort(-density, kind="stable")[: settings.ablation_top]]
+                               + list(settings.ablation_units)))
+    for unit in units:
+        if not 0 <= unit < len(density):
+            raise ValueError(f"config key 'features.ablation_units': unit {unit} is outside [0, {len(density)})")
+    return units
+
+
+def example_arrays(analysis: StreamingAnalysis, tokens: np.ndarray, settings: FeatureSettings) -> dict[str, np.ndarray]:
+    """examples.npz: histograms, and the top and quantile examples per unit with their token windows."""
+    examples = {"histogram": analysis.histogram().numpy().astype(np.int32), "histogram_upper": analysis.upper.numpy()}
+    for label, examples_kept in (("top", analysis.top), ("quantile", analysis.quantile)):
+        kept = examples_kept.sorted()  # [G, n, d_sae]; flattened interval-major for the quantile samples
+        seq = kept["seq"].permute(2, 0, 1).flatten(1).numpy()  # [d_sae, G * n]
+        pos = kept["pos"].permute(2, 0, 1).flatten(1).numpy()
+        examples[f"{label}_values"] = kept["value"].permute(2, 0, 1).flatten(1).numpy()
+        examples[f"{label}_windows"] = kept["windows"].permute(2, 0, 1, 3).flatten(1, 2).numpy()  # [d_sae, G * n, W]
+        examples[f"{label}_tokens"] = window_tokens(tokens, seq, pos, settings.context_tokens)
+        examples[f"{label}_seq"] = seq
+    examples["quantile_interval"] = np.repeat(np.arange(settings.quantile_bins), settings.per_bin).astype(np.int32)
+    return examples
+
+
+def analyse(inputs: PassInputs, settings: FeatureSettings) -> dict[str, Any]:
+    """The analyses, in memory: {"units": DataFrame, "examples": {..}, "weights": {..}, "summary": {..}, "rare": {..}|None}."""
+    name, dictionary, device = inputs.name, inputs.dictionary, inputs.device
+    timings = {}
+    start = time.perf_counter()
+    upper = torch.from_numpy(inputs.stats["max_activation"].to_numpy(np.float32, copy=True))
+    analysis, tokens = run_pass(dictionary, inputs.stores, settings, upper, inputs.labeler, device,
+                                desc=f"features {name}", codes=inputs.codes)
+    timings["pass_s"] = time.perf_counter() - start
+    timings["pass_tokens_per_s"] = analysis.n_tokens / timings["pass_s"]
+    units = unit_table(inputs.stats)
+
+    start = time.perf_counter()
+    concept_summary, held_out = concept_columns(analysis, inputs.labeler, settings, units)
+    if held_out is not None:
+        timings["held_out_s"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    directions = unit_directions(dictionary, device)  # [d_sae, d_in]
+    weights, logit_note = weight_analyses(inputs, settings, directions, units)
     timings["weights_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    ablated = list(dict.fromkeys([int(u) for u in np.argsort(-density, kind="stable")[: settings.ablation_top]] + list(settings.ablation_units)))
-    for unit in ablated:
-        if not 0 <= unit < dictionary.d_sae:
-            raise ValueError(f"config key 'features.ablation_units': unit {unit} is outside [0, {dictionary.d_sae})")
-    effects = ablation_effects(bridge, dictionary, tokens[: settings.ablation_seqs], hook, ablated, directions.to(device), device)
+    ablated = ablated_units(units["density"].to_numpy(), settings)
+    effects = ablation_effects(inputs.bridge, dictionary, tokens[: settings.ablation_seqs], inputs.hook, ablated,
+                               directions.to(device), device)
     units["ablation_delta_loss"] = [effects.get(u, np.nan) for u in range(dictionary.d_sae)]
     timings["ablation_s"] = time.perf_counter() - start
 
@@ -579,27 +614,13 @@ def analyse(name, dictionary, stores, settings: FeatureSettings, upper, labeler,
     if name != NEURONS:
         rare = rare_feature_similarity(directions, units["log10_density"].to_numpy(), settings.rare_log10_density,
                                        settings.rare_sample, settings.seed)
-
-    ctx = settings.context_tokens
-    examples = {"histogram": analysis.histogram().numpy().astype(np.int32),
-                "histogram_upper": analysis.upper.numpy()}
-    for label, examples_kept in (("top", analysis.top), ("quantile", analysis.quantile)):
-        kept = examples_kept.sorted()  # [G, n, d_sae]; flattened interval-major for the quantile samples
-        seq = kept["seq"].permute(2, 0, 1).flatten(1).numpy()  # [d_sae, G * n]
-        pos = kept["pos"].permute(2, 0, 1).flatten(1).numpy()
-        examples[f"{label}_values"] = kept["value"].permute(2, 0, 1).flatten(1).numpy()
-        examples[f"{label}_windows"] = kept["windows"].permute(2, 0, 1, 3).flatten(1, 2).numpy()  # [d_sae, G * n, W]
-        examples[f"{label}_tokens"] = window_tokens(tokens, seq, pos, ctx)
-        examples[f"{label}_seq"] = seq
-    examples["quantile_interval"] = np.repeat(np.arange(settings.quantile_bins), settings.per_bin).astype(np.int32)
-
     summary = {
         "name": name,
         "d_sae": dictionary.d_sae,
         "settings": asdict(settings),
         "n_tokens": analysis.n_tokens,
         "n_seq": analysis.n_seq,
-        "logit_weights": logit_note if weights.get("logit_top_ids") is not None else f"none: {logit_note}",
+        "logit_weights": logit_note,
         "concepts": concept_summary,  # held out: best unit chosen on the selection part, scored on the report part
         "held_out": held_out,
         "ablated_units": ablated,
@@ -607,7 +628,8 @@ def analyse(name, dictionary, stores, settings: FeatureSettings, upper, labeler,
         "rare_features": {k: v for k, v in (rare or {}).items() if not k.endswith("_nearest_cos")} or None,
         "timings": timings,
     }
-    return {"units": units, "examples": examples, "weights": weights, "summary": summary, "rare": rare}
+    return {"units": units, "examples": example_arrays(analysis, tokens, settings), "weights": weights,
+            "summary": summary, "rare": rare}
 
 
 def held_out_comparison(analysis: StreamingAnalysis, names: Sequence[str], settings: FeatureSettings,

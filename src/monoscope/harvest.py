@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import functools
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -13,19 +14,41 @@ from tqdm import tqdm
 
 from monoscope import models, store
 from monoscope.pretrained import run_to_hook
-from monoscope.config import hook_name
+
+
+@dataclass(frozen=True)
+class HarvestSettings:
+    """The `harvest` config section; workflow/schemas/config.schema.yaml documents each key and holds its default."""
+
+    SECTION: ClassVar[str] = "harvest"
+
+    dtype: str  # stored activation dtype: float16 | float32
+    chunk_mib: float  # target chunk size along tokens (whole sequences)
+    cname: str  # Blosc compressor
+    clevel: int  # Blosc compression level
+    shuffle: str  # Blosc shuffle filter
+    keep_mantissa_bits: int | None  # round to this many mantissa bits before compressing; None: lossless
+    batch_size: int  # sequences per forward pass
+    max_seqs_per_shard: int | None  # harvest at most this many sequences per shard; None: all
+
+    @property
+    def codec(self) -> store.CodecSpec:
+        return store.CodecSpec(self.cname, self.clevel, self.shuffle, self.keep_mantissa_bits)
 
 
 def harvest_shards(
-    config: dict[str, Any],
+    harvest: HarvestSettings,
+    model: dict[str, Any],
     model_dir: str | Path,
+    hook: str,
     shards: list[tuple[str | Path, str | Path]],
     log=print,
 ) -> list[dict[str, Any]]:
-    """Each (token shard, store path) in turn, with the model loaded once."""
-    bridge = models.load_model(config, model_dir)
-    model_id = models.model_identity(config, model_dir)
-    return [harvest_shard(config, bridge, model_id, token_shard, out_path, log) for token_shard, out_path in shards]
+    """Each (token shard, store path) in turn, with the model (the `model` config section, its outputs in
+    model_dir) loaded once."""
+    bridge = models.load_model(model, model_dir)
+    model_id = models.model_identity(model, model_dir)
+    return [harvest_shard(harvest, bridge, model_id, hook, token_shard, out_path, log) for token_shard, out_path in shards]
 
 
 class NonFiniteActivations(ValueError):
@@ -72,40 +95,40 @@ def check_storable(rows: torch.Tensor, acts: torch.Tensor, keep_mantissa_bits: i
 
 
 def harvest_shard(
-    config: dict[str, Any],
+    harvest: HarvestSettings,
     bridge,
     model_id: str,
+    hook: str,
     token_shard: str | Path,
     out_path: str | Path,
     log=print,
 ) -> dict[str, Any]:
-    harvest = config["harvest"]
-    hook = hook_name(config)
+    """Run the model (models.load_model, identified by model_id in the store's attrs) over one token shard
+    and write `hook`'s activations as an activation store at out_path."""
     tokens, token_attrs = store.read_token_shard(token_shard)
-    if harvest["max_seqs_per_shard"]:
-        tokens = tokens[: harvest["max_seqs_per_shard"]]
+    if harvest.max_seqs_per_shard:
+        tokens = tokens[: harvest.max_seqs_per_shard]
     probe = run_to_hook(bridge, torch.from_numpy(tokens[:1]).long(), hook)
     d = probe.shape[-1]
-    chunk_tokens = store.chunk_tokens_for(d, harvest["dtype"], tokens.shape[1], harvest["chunk_mib"])
-    codec = store.CodecSpec(harvest["cname"], harvest["clevel"], harvest["shuffle"], harvest["keep_mantissa_bits"])
+    chunk_tokens = store.chunk_tokens_for(d, harvest.dtype, tokens.shape[1], harvest.chunk_mib)
     attrs = {
         "model_id": model_id,
         "hook": hook,
         "source_shard": str(token_shard),
         "tokenizer_id": token_attrs.get("tokenizer_id"),
     }
-    store_dtype = getattr(torch, harvest["dtype"])  # converted by torch: numpy's float16 cast is ~7x slower
+    store_dtype = getattr(torch, harvest.dtype)  # converted by torch: numpy's float16 cast is ~7x slower
     forward_s = 0.0
     start = time.perf_counter()
     workers = torch.get_num_threads()  # encoding threads: the job's cores (runtime sets the rule's threads), not the node's
-    with store.ActivationStoreWriter(out_path, tokens, d, harvest["dtype"], chunk_tokens, attrs, codec, workers) as writer:
-        for first in tqdm(range(0, len(tokens), harvest["batch_size"]), desc=f"harvest {Path(out_path).name}", mininterval=10):
-            batch = torch.from_numpy(tokens[first : first + harvest["batch_size"]]).long()
+    with store.ActivationStoreWriter(out_path, tokens, d, harvest.dtype, chunk_tokens, attrs, harvest.codec, workers) as writer:
+        for first in tqdm(range(0, len(tokens), harvest.batch_size), desc=f"harvest {Path(out_path).name}", mininterval=10):
+            batch = torch.from_numpy(tokens[first : first + harvest.batch_size]).long()
             t = time.perf_counter()
             acts = run_to_hook(bridge, batch, hook)  # [b, s, d]
             forward_s += time.perf_counter() - t
             rows = acts.flatten(0, 1).to(store_dtype)  # [b * s, d]; cast on the device: half the copy
-            check_storable(rows, acts, harvest["keep_mantissa_bits"], out_path, first)
+            check_storable(rows, acts, harvest.keep_mantissa_bits, out_path, first)
             writer.append(rows.cpu().numpy(), consume=True)
     total_s = time.perf_counter() - start
     summary = {"shard": Path(out_path).stem, "tokens": int(tokens.size), "d": d, "forward_s": forward_s, "total_s": total_s,

@@ -153,25 +153,27 @@ def held_out_loss(forward: Callable[[torch.Tensor], torch.Tensor], tokens: np.nd
 
 
 def train_native(
-    config: dict[str, Any],
+    native: dict[str, Any],
+    train: dict[str, Any],
+    seed: int,
     train_tokens: np.ndarray,
     eval_tokens: np.ndarray,
     d_vocab: int,
     out_dir: str | Path,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Train the native model on packed sequences; save weights, config and the loss curve to out_dir."""
-    native, train = config["model"]["native"], config["model"]["train"]
+    """Train the native model (the `model.native` and `model.train` config sections) on packed sequences;
+    save weights, config and the loss curve to out_dir."""
     context = train_tokens.shape[1]
-    torch.manual_seed(config["seed"])
-    bridge = boot_native(native, d_vocab, context, config["seed"])
+    torch.manual_seed(seed)
+    bridge = boot_native(native, d_vocab, context, seed)
     # The bare module trains ~1.7x faster than the bridge (no hook dispatch); they share parameters.
     module = bridge.original_model.to(device())
     module.train()
     optimizer = torch.optim.AdamW(module.parameters(), lr=train["lr"], betas=(0.9, 0.95), weight_decay=train["weight_decay"])
     steps = max(1, train["tokens"] // (train["batch_size"] * context))
     eval_tokens = eval_tokens[: max(1, train["eval_tokens"] // context)]
-    batches = _batches(train_tokens, train["batch_size"], np.random.default_rng(config["seed"]))
+    batches = _batches(train_tokens, train["batch_size"], np.random.default_rng(seed))
     curve = []
     start = time.perf_counter()
     parameters = list(module.parameters())
@@ -200,7 +202,7 @@ def train_native(
         "held_out_tokens": int(eval_tokens.size),
     }
     log(json.dumps(summary))
-    save_native(bridge, native, d_vocab, context, config["seed"], out_dir, {"summary": summary, "curve": curve})
+    save_native(bridge, native, d_vocab, context, seed, out_dir, {"summary": summary, "curve": curve})
     return summary
 
 
@@ -221,25 +223,26 @@ def load_native(model_dir: str | Path):
     return bridge.to(device()).eval()
 
 
-def load_model(config: dict[str, Any], model_dir: str | Path):
-    """The configured model in eval mode: the trained native one from model_dir, or a pretrained one."""
-    if config["model"]["source"] == "native":
+def load_model(model: dict[str, Any], model_dir: str | Path):
+    """The `model` config section's model in eval mode: the trained native one from model_dir, or a
+    pretrained one (model_dir caches what it is built from)."""
+    if model["source"] == "native":
         return load_native(model_dir)
     from monoscope import pretrained
 
-    bridge, _ = pretrained.load_pretrained(config["model"], Path(model_dir))
+    bridge, _ = pretrained.load_pretrained(model, Path(model_dir))
     return bridge.eval()
 
 
-def model_identity(config: dict[str, Any], model_dir: str | Path) -> str:
+def model_identity(model: dict[str, Any], model_dir: str | Path) -> str:
     """What identifies the weights: a content hash for the native model, name+revision/file hash otherwise."""
-    if config["model"]["source"] == "native":
+    if model["source"] == "native":
         import hashlib
 
         return "native:" + hashlib.sha256((Path(model_dir) / WEIGHTS).read_bytes()).hexdigest()[:16]
     from monoscope import pretrained
 
-    return pretrained.model_identity(config["model"])
+    return pretrained.pretrained_identity(model)
 
 
 @torch.no_grad()

@@ -155,7 +155,7 @@ def _directory_sha256(folder: Path) -> str:
     return digest.hexdigest()
 
 
-def model_identity(model_cfg: dict[str, Any]) -> str:
+def pretrained_identity(model_cfg: dict[str, Any]) -> str:
     """A string that changes whenever the weights may have: source, name and a hash or commit.
 
     gguf: the file's sha256. A local model directory: the sha256 over its files. Hub and tl_legacy:
@@ -220,7 +220,7 @@ def _hf_folder(model_cfg: dict[str, Any], cache_dir: str | Path) -> Path:
     return hub_snapshot(name, "model", model_cfg.get("revision"), HUB_MODEL_FILES)
 
 
-def load_tokenizer(model_cfg: dict[str, Any], cache_dir: str | Path | None = None):
+def pretrained_tokenizer(model_cfg: dict[str, Any], cache_dir: str | Path | None = None):
     """The model's own Hugging Face tokenizer, without loading the weights.
 
     gguf: from the dequantised copy in cache_dir when it exists, else straight from the GGUF (~8 s).
@@ -254,7 +254,7 @@ def load_pretrained(model_cfg: dict[str, Any], cache_dir: str | Path):
     if source not in SOURCES:
         raise ValueError(f"model.source: '{source}' is not a pretrained source ({', '.join(SOURCES)})")
     if source == "tl_legacy":
-        tokenizer = load_tokenizer(model_cfg, cache_dir)
+        tokenizer = pretrained_tokenizer(model_cfg, cache_dir)
         # TL4's legacy loader lists the repo's files on the hub even when they are all cached, and
         # retries for ~20 s when it cannot: ask once, quickly, instead.
         unreachable = _hub_unreachable()
@@ -266,7 +266,7 @@ def load_pretrained(model_cfg: dict[str, Any], cache_dir: str | Path):
         bridge = TransformerBridge.boot_tl_legacy(name, dtype=dtype, tokenizer=tokenizer)
         return bridge.eval(), tokenizer
     hf_model = AutoModelForCausalLM.from_pretrained(str(_hf_folder(model_cfg, cache_dir)), dtype=dtype)
-    tokenizer = load_tokenizer(model_cfg, cache_dir)
+    tokenizer = pretrained_tokenizer(model_cfg, cache_dir)
     bridge = TransformerBridge.boot_transformers(name, hf_model=hf_model, tokenizer=tokenizer, dtype=dtype)
     return bridge.eval(), tokenizer
 

@@ -199,14 +199,17 @@ units with at least {settings['specificity_min_tokens']} report tokens above the
 
 
 def write_report(
-    config: dict[str, Any],
+    title: str,
+    model: dict[str, Any],
+    hook: str,
     eval_dirs: dict[str, str | Path],
     lm_summary: dict[str, Any] | None,
     out_dir: str | Path,
     feature_summaries: dict[str, dict[str, Any]] | None = None,
 ) -> Path:
-    """Write index.html and its figures; `eval_dirs` maps dictionary name -> its results/eval folder,
-    `feature_summaries` name -> its results/features summary.json (the held-out concept comparison)."""
+    """Write index.html and its figures for the model (the `model` config section) hooked at `hook`;
+    `eval_dirs` maps dictionary name -> its results/eval folder, `feature_summaries` name -> its
+    results/features summary.json (the held-out concept comparison)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     metrics, tables = [], {}
@@ -229,7 +232,6 @@ def write_report(
         links = f'<td><a href="{html.escape(m["metrics_href"])}">metrics</a> · <a href="{html.escape(m["features_href"])}">features</a></td>'
         rows.append(f'<tr class="{"neurons" if m["name"] == NEURONS else "sae"}">{cells}{links}</tr>')
     header = "".join(f"<th>{html.escape(label)}</th>" for _, label, _ in COLUMNS) + "<th>files</th>"
-    model = config["model"]
     lm = ""
     if lm_summary:
         lm = (
@@ -237,11 +239,11 @@ def write_report(
             f"{lm_summary['held_out_loss']:.3f} nats ({lm_summary['tokens_per_second']:,.0f} tokens/s).</p>"
         )
     page = f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>{html.escape(config['report']['title'])}</title>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>{STYLE}</style></head><body>
-<h1>{html.escape(config['report']['title'])}</h1>
+<h1>{html.escape(title)}</h1>
 <p>Model <code>{html.escape(model['name'])}</code> ({html.escape(model['source'])}), hook
-<code>blocks.{model['layer']}.{html.escape(model['hook'])}</code>; evaluated on held-out shards.
+<code>{html.escape(hook)}</code>; evaluated on held-out shards.
 The <em>neurons</em> row is the identity dictionary: the MLP's own basis, for comparison.</p>
 {lm}
 <p><a href="browser/index.html">Browse every feature and neuron</a>: max-activating examples, logit weights,

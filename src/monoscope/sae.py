@@ -49,10 +49,10 @@ SPARSE_MAX_DENSITY = 0.1
 class SAEConfig:
     d_in: int
     d_sae: int
-    architecture: str = "relu"
-    k: int = 32  # topk: active features per token; batchtopk: per token on average over a batch
-    jumprelu_bandwidth: float = 0.001  # ε, width of the rectangle kernel of the threshold pseudo-gradient
-    jumprelu_init_threshold: float = 0.001  # θ at initialisation
+    architecture: str  # relu | topk | batchtopk | jumprelu; these four keys come from the sae config section
+    k: int  # topk: active features per token; batchtopk: per token on average over a batch
+    jumprelu_bandwidth: float  # ε, width of the rectangle kernel of the threshold pseudo-gradient
+    jumprelu_init_threshold: float  # θ at initialisation
     norm_scale: float = 1.0  # constant computed once from the data: x_n = x * norm_scale
     # Provenance: what produced these weights.
     hyperparameters: dict[str, Any] = field(default_factory=dict)
@@ -330,7 +330,7 @@ class SAE(nn.Module):
         write_text(directory / CONFIG_FILE, json.dumps(asdict(self.cfg), indent=2, sort_keys=True) + "\n")
 
 
-def load_dictionary(path: str | os.PathLike, device: str | torch.device = "cpu") -> SAE:
+def load_sae(path: str | os.PathLike, device: str | torch.device = "cpu") -> SAE:
     """Rebuild an SAE from a directory holding sae.safetensors + cfg.json; returned in eval mode."""
     path = Path(path)
     for name in (WEIGHTS_FILE, CONFIG_FILE):
@@ -340,20 +340,3 @@ def load_dictionary(path: str | os.PathLike, device: str | torch.device = "cpu")
     sae = SAE(cfg)
     sae.load_state_dict(load_file(str(path / WEIGHTS_FILE)))
     return sae.to(device).eval()
-
-
-class IdentityDictionary(nn.Module):
-    """The neurons as a dictionary: features are the activations themselves."""
-
-    def __init__(self, d: int):
-        super().__init__()
-        self.d_in = self.d_sae = d
-
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return x
-
-    def decode(self, f: torch.Tensor) -> torch.Tensor:
-        return f
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x

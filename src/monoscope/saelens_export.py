@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from monoscope.sae import load_dictionary
+from monoscope.sae import load_sae
 from monoscope.atomic import atomic_path, write_text
 
 SAELENS_WEIGHTS_FILE = "sae_weights.safetensors"
@@ -39,7 +39,7 @@ SAELENS_ARCHITECTURE = {"relu": "standard", "topk": "topk", "jumprelu": "jumprel
 
 def export_saelens(sae_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     """Write `out_dir`/{cfg.json, sae_weights.safetensors} for the SAE in `sae_dir`; return out_dir."""
-    sae = load_dictionary(sae_dir)
+    sae = load_sae(sae_dir)
     cfg = sae.cfg
     c = cfg.norm_scale
     tensors = {

@@ -24,7 +24,9 @@ from typing import Any
 
 import torch
 
-from monoscope.config import NEURONS, hook_name
+from monoscope.config import NEURONS
+from monoscope.dictionary import open_dictionary
+from monoscope.layout import Layout
 
 ASSETS = Path(__file__).parent / "site_assets"
 MAX_TEXT_CHARS = 20_000
@@ -46,23 +48,23 @@ class RequestError(ValueError):
 class Neuroscope:
     """The loaded model, tokenizer and dictionary; `activations` is the whole computation."""
 
-    def __init__(self, config: dict[str, Any], results_dir: str | Path, name: str):
-        from monoscope import evaluate, models, pretrained, tokenize
+    def __init__(self, model: dict[str, Any], hook: str, results: Layout, name: str):
+        """model: the `model` config section; hook: the hooked activation's full name; name: a dictionary in results."""
+        from monoscope import models, pretrained, tokenize
 
-        results = Path(results_dir)
-        self.name, self.hook = name, hook_name(config)
-        self.tokenizer = tokenize.load_tokenizer(results / "tokenizer")
-        self.strings = tokenize.token_strings(results / "tokenizer")
-        self.bridge = models.load_model(config, results / "model")
+        self.name, self.hook = name, hook
+        self.tokenizer = tokenize.load_tokenizer(results.tokenizer_dir)
+        self.strings = tokenize.token_strings(results.tokenizer_dir)
+        self.bridge = models.load_model(model, results.model_dir)
         self.context = self.bridge.cfg.n_ctx
         self.device = next(self.bridge.parameters()).device
         probe = pretrained.run_to_hook(self.bridge, torch.zeros(1, 1, dtype=torch.long), self.hook)
-        sae_dir = None if name == NEURONS else results / "sae" / name
-        if sae_dir is not None and not (sae_dir / "cfg.json").exists():
-            raise FileNotFoundError(f"no SAE '{name}' in {results / 'sae'} (expected {sae_dir / 'cfg.json'})")
-        self.dictionary = evaluate.load_dictionary(name, sae_dir, probe.shape[-1]).to(self.device)
+        sae_dir = None if name == NEURONS else results.sae_dir(name)
+        if sae_dir is not None and not results.sae_checkpoint(name)["cfg"].exists():
+            raise FileNotFoundError(f"no SAE '{name}' in {results.sae_root} (expected {results.sae_checkpoint(name)['cfg']})")
+        self.dictionary = open_dictionary(name, sae_dir, probe.shape[-1], self.device)
         if sae_dir is not None:
-            check_provenance(self.dictionary.cfg.source_attrs, self.hook, models.model_identity(config, results / "model"), name)
+            check_provenance(self.dictionary.cfg.source_attrs, self.hook, models.model_identity(model, results.model_dir), name)
         self.d_sae = self.dictionary.d_sae
         self.lock = threading.Lock()  # one forward pass at a time: the model is shared
 
@@ -298,11 +300,10 @@ class BoundedThreadingHTTPServer(ThreadingHTTPServer):
             self.slots.release()
 
 
-def make_server(config: dict[str, Any], results_dir: str | Path, name: str, port: int = 8765) -> ThreadingHTTPServer:
-    """Load everything once and bind 127.0.0.1:port (0: any free port); call serve_forever() to run."""
-    scope = Neuroscope(config, results_dir, name)
+def make_server(scope: Neuroscope, results: Layout, port: int = 8765) -> ThreadingHTTPServer:
+    """Bind 127.0.0.1:port (0: any free port) for the loaded neuroscope; call serve_forever() to run."""
     try:
-        return BoundedThreadingHTTPServer(("127.0.0.1", port), make_handler(scope, Path(results_dir) / "report" / "browser"))
+        return BoundedThreadingHTTPServer(("127.0.0.1", port), make_handler(scope, results.browser_dir))
     except OSError as error:
         if error.errno == errno.EADDRINUSE:
             raise OSError(error.errno, f"port {port} on 127.0.0.1 is in use: pick another with --port (0: any free port)") from None

@@ -29,6 +29,7 @@ from monoscope import __version__
 from monoscope.config import NEURONS
 from monoscope.evaluate import density_bands
 from monoscope.features import load_features
+from monoscope.layout import Layout
 from monoscope.atomic import atomic_path
 
 ASSETS = Path(__file__).parent / "site_assets"
@@ -236,13 +237,12 @@ def _top_index(names: Sequence[str], all_feats: dict[str, dict], scores: dict[st
     return "".join(parts)
 
 
-def build_site(results_dir: str | Path, names: Sequence[str], token_strings: Sequence[str], out_dir: str | Path,
+def build_site(results: Layout, names: Sequence[str], token_strings: Sequence[str], out_dir: str | Path,
                live_threshold: float) -> Path:
-    """Write the browser for the dictionaries `names` (their results/features/<name>/ must exist) to out_dir;
-    units firing on at least live_threshold of the held-out tokens count as live."""
-    results = Path(results_dir)
-    all_feats = {name: load_features(results / "features" / name) for name in names}
-    scores = {name: read_autointerp(results / "autointerp" / name / "scores.csv") for name in names}
+    """Write the browser for the dictionaries `names` (their feature analyses must exist; autointerp scores
+    are shown where they do) to out_dir; units firing on at least live_threshold of the held-out tokens count as live."""
+    all_feats = {name: load_features(results.features_dir(name)) for name in names}
+    scores = {name: read_autointerp(results.autointerp_outputs(name)["scores"]) for name in names}
     reverse = {name: f["weights"] for name, f in all_feats.items() if name != NEURONS and "neuron_features" in f["weights"]}
     with atomic_path(out_dir) as tmp:
         (tmp / "assets").mkdir(parents=True)
@@ -250,7 +250,7 @@ def build_site(results_dir: str | Path, names: Sequence[str], token_strings: Seq
             shutil.copy(ASSETS / asset, tmp / "assets" / asset)
         (tmp / "vocab.js").write_text(_js("window.MONOSCOPE_VOCAB", list(token_strings)), encoding="utf-8")
         for name in names:
-            write_dictionary(tmp, name, results / "features" / name, all_feats[name], scores[name], reverse if name == NEURONS else {}, len(token_strings))
+            write_dictionary(tmp, name, results.features_dir(name), all_feats[name], scores[name], reverse if name == NEURONS else {}, len(token_strings))
         body = _top_index(list(names), all_feats, scores, live_threshold)
         (tmp / "index.html").write_text(_page("monoscope feature browser", body, 0, [], f"/* monoscope {__version__} */"), encoding="utf-8")
     return Path(out_dir) / "index.html"

@@ -29,9 +29,9 @@ import math
 import os
 import shutil
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from tqdm import tqdm
@@ -48,50 +48,40 @@ LOG_FILE = "train_log.jsonl"
 
 @dataclass
 class TrainConfig:
-    """One SAE's hyper-parameters: the `sae` config section resolved for one run."""
+    """One SAE's hyper-parameters: the `sae` config section resolved for one run (monoscope.config.sae_runs).
+    workflow/schemas/config.schema.yaml documents each key and holds its default."""
 
-    architecture: str = "relu"  # relu | topk | batchtopk | jumprelu (see monoscope.sae)
-    expansion_factor: int = 8  # d_sae = expansion_factor * d_in
-    l1_coefficient: float = 5.0  # λ: L1 weight for relu, L0 weight for jumprelu, unused by topk/batchtopk
-    k: int = 32  # topk / batchtopk: active features per token
-    auxk_alpha: float = 1 / 32  # topk / batchtopk: weight of the AuxK loss (Gao et al. 2024)
-    aux_k: int | None = None  # dead latents AuxK uses per token; None: d_in // 2
-    dead_window_tokens: int | None = None  # a feature silent this long is dead (AuxK, logged dead_fraction); None: see dead_window
-    jumprelu_bandwidth: float = 0.001  # jumprelu: ε of the straight-through estimators
-    jumprelu_init_threshold: float = 0.001  # jumprelu: initial θ
-    lr: float = 1e-4  # Adam learning rate
-    beta1: float = 0.9
-    beta2: float = 0.99
-    batch_size: int = 1024  # activation vectors per step, over all processes
-    train_tokens: int = 2_000_000  # activation vectors seen in training (several epochs if needed)
-    lr_warmup_fraction: float = 0.0  # of the steps: linear warm-up of the learning rate from 0
-    lr_decay_fraction: float = 0.2  # of the steps: linear decay of the learning rate to 0 at the end
-    l1_warmup_fraction: float = 0.05  # of the steps: linear warm-up of λ from 0
-    resample_steps: list[int] = field(default_factory=lambda: [25_000, 50_000, 75_000, 100_000])
-    resample_window: int = 12_500  # steps before each resample step whose firing decides who is resampled
-    resample_max_density: float = 0.0  # resample features firing on fewer than this fraction of the window's tokens (0: never fired)
-    resample_inputs: int = 819_200  # inputs scored to choose the new directions
-    resample_encoder_scale: float = 0.2  # new encoder row norm = this * mean alive encoder row norm
-    norm_sample_tokens: int = 65_536  # tokens for the normalisation constant and the geometric median
-    checkpoint_every: int = 1_000  # steps between resumable checkpoints
-    log_every: int = 50  # steps between train_log.jsonl rows
-    max_loss_ratio: float = 100.0  # stop as diverged when the loss exceeds this times its lowest logged value
-    buffer_tokens: int = 262_144  # mixing buffer of the loader, over all its streams
-    loader_streams: int = 8  # fixed, so 1 or N processes see the same batches; must divide batch_size
-    seed: int = 0
-    gpus: int = 0  # processes for `accelerate launch` (read by the Snakemake rule)
-    train_jointly: bool = False  # train every SAE of the sweep in one job, one pass over the data
+    SECTION: ClassVar[str] = "sae"
 
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown SAE training keys {unknown}; known keys: {sorted(known)}")
-        cfg = cls(**values)
-        if cfg.batch_size % cfg.loader_streams:
-            raise ValueError(f"sae.batch_size={cfg.batch_size} must be a multiple of sae.loader_streams={cfg.loader_streams}")
-        return cfg
+    architecture: str  # relu | topk | batchtopk | jumprelu (see monoscope.sae)
+    expansion_factor: int  # d_sae = expansion_factor * d_in
+    l1_coefficient: float  # λ: L1 weight for relu, L0 weight for jumprelu, unused by topk/batchtopk
+    k: int  # topk / batchtopk: active features per token
+    auxk_alpha: float  # topk / batchtopk: weight of the AuxK loss (Gao et al. 2024)
+    aux_k: int | None  # dead latents AuxK uses per token; None: d_in // 2
+    dead_window_tokens: int | None  # a feature silent this long is dead (AuxK, logged dead_fraction); None: see dead_window
+    jumprelu_bandwidth: float  # jumprelu: ε of the straight-through estimators
+    jumprelu_init_threshold: float  # jumprelu: initial θ
+    lr: float  # Adam learning rate
+    beta1: float
+    beta2: float
+    batch_size: int  # activation vectors per step, over all processes
+    train_tokens: int  # activation vectors seen in training (several epochs if needed)
+    lr_warmup_fraction: float  # of the steps: linear warm-up of the learning rate from 0
+    lr_decay_fraction: float  # of the steps: linear decay of the learning rate to 0 at the end
+    l1_warmup_fraction: float  # of the steps: linear warm-up of λ from 0
+    resample_steps: list[int]
+    resample_window: int  # steps before each resample step whose firing decides who is resampled
+    resample_max_density: float  # resample features firing on fewer than this fraction of the window's tokens (0: never fired)
+    resample_inputs: int  # inputs scored to choose the new directions
+    resample_encoder_scale: float  # new encoder row norm = this * mean alive encoder row norm
+    norm_sample_tokens: int  # tokens for the normalisation constant and the geometric median
+    checkpoint_every: int  # steps between resumable checkpoints
+    log_every: int  # steps between train_log.jsonl rows
+    max_loss_ratio: float  # stop as diverged when the loss exceeds this times its lowest logged value
+    buffer_tokens: int  # mixing buffer of the loader, over all its streams
+    loader_streams: int  # fixed, so 1 or N processes see the same batches; divides batch_size (checked at planning)
+    seed: int
 
     @property
     def total_steps(self) -> int:
@@ -104,6 +94,13 @@ class TrainConfig:
         if self.dead_window_tokens is not None:
             return self.dead_window_tokens
         return max(self.batch_size, min(10_000_000, self.train_tokens // 10))
+
+
+def sae_config(cfg: TrainConfig, d_in: int, **provenance: Any) -> SAEConfig:
+    """The SAE a run trains on d_in-wide activations (provenance: SAEConfig's hyperparameters and sources)."""
+    return SAEConfig(d_in=d_in, d_sae=cfg.expansion_factor * d_in, architecture=cfg.architecture, k=cfg.k,
+                     jumprelu_bandwidth=cfg.jumprelu_bandwidth, jumprelu_init_threshold=cfg.jumprelu_init_threshold,
+                     **provenance)
 
 
 # --- schedules: pure functions of the step ------------------------------------------------------
@@ -248,7 +245,7 @@ class Trainer:
             raise ValueError("no SAE to train")
         self.names = list(runs)
         self.runs = runs
-        self.cfgs = [TrainConfig.from_dict(runs[n]) for n in self.names]
+        self.cfgs = [TrainConfig(**runs[n]) for n in self.names]
         shared = ("batch_size", "train_tokens", "seed", "norm_sample_tokens", "buffer_tokens", "loader_streams")
         for key in shared:
             values = {getattr(c, key) for c in self.cfgs}
@@ -269,20 +266,8 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(self.cfg0.seed)  # resampling draws
 
         self.saes = [
-            SAE(
-                SAEConfig(
-                    d_in=d_in,
-                    d_sae=cfg.expansion_factor * d_in,
-                    architecture=cfg.architecture,
-                    k=cfg.k,
-                    jumprelu_bandwidth=cfg.jumprelu_bandwidth,
-                    jumprelu_init_threshold=cfg.jumprelu_init_threshold,
-                    hyperparameters=runs[name],
-                    source_stores=self.sources,
-                    source_attrs=self.source_attrs,
-                ),
-                generator=torch.Generator().manual_seed(cfg.seed),
-            ).to(self.device)
+            SAE(sae_config(cfg, d_in, hyperparameters=runs[name], source_stores=self.sources, source_attrs=self.source_attrs),
+                generator=torch.Generator().manual_seed(cfg.seed)).to(self.device)
             for name, cfg in zip(self.names, self.cfgs)
         ]
         self.optimizer = torch.optim.Adam(
@@ -621,7 +606,7 @@ def train_from_stores(
 
     from monoscope.loader import ActivationLoader
 
-    cfg = TrainConfig.from_dict(next(iter(runs.values())))
+    cfg = TrainConfig(**next(iter(runs.values())))
     # Without CUDA, cpu=True is what makes `accelerate launch --multi_gpu` processes use gloo.
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     print(f"process {accelerator.process_index} of {accelerator.num_processes} on {accelerator.device}", flush=True)

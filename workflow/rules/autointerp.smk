@@ -2,26 +2,23 @@
 import glob
 import os
 
+
 # The response cache (autointerp.cache_path) is deliberately not an output: deleting or rerunning
 # outputs never loses an answered request.
-
-
 rule autointerp:
     input:
         stores=activation_stores(EVAL_SHARDS),
-        tokenizer="results/tokenizer/tokenizer_config.json",
+        tokenizer=RESULTS.tokenizer,
+        unit_stats=RESULTS.eval_outputs("{name}")["features"],
         dictionary=dictionary_input,
     output:
-        explanations="results/autointerp/{name}/explanations.jsonl",
-        simulations="results/autointerp/{name}/simulations.jsonl",
-        scores="results/autointerp/{name}/scores.csv",
-        usage="results/autointerp/{name}/usage.json",
+        **RESULTS.autointerp_outputs("{name}"),
     params:
         autointerp=autointerp_params(),
     log:
-        "results/logs/autointerp/{name}.log",
+        RESULTS.log("autointerp/{name}"),
     benchmark:
-        "results/benchmarks/autointerp/{name}.tsv"
+        RESULTS.benchmark("autointerp/{name}")
     threads: 1
     resources:
         **SLURM_CPU,
@@ -35,23 +32,21 @@ rule autointerp:
 
 rule compare_autointerp:
     input:
-        scores=expand("results/autointerp/{name}/scores.csv", name=DICTIONARIES),
-        simulations=expand("results/autointerp/{name}/simulations.jsonl", name=DICTIONARIES),
-        usage=expand("results/autointerp/{name}/usage.json", name=DICTIONARIES),
-        weights=expand("results/features/{name}/weights.npz", name=DICTIONARIES),
-        tokenizer="results/tokenizer/tokenizer_config.json",
+        scores=[RESULTS.autointerp_outputs(name)["scores"] for name in DICTIONARIES],
+        simulations=[RESULTS.autointerp_outputs(name)["simulations"] for name in DICTIONARIES],
+        usage=[RESULTS.autointerp_outputs(name)["usage"] for name in DICTIONARIES],
+        weights=[RESULTS.features_outputs(name)["weights"] for name in DICTIONARIES],
+        tokenizer=RESULTS.tokenizer,
         filled=sorted(glob.glob(os.path.join(config["autointerp"]["ratings_dir"], "*.csv"))),
     output:
-        comparison="results/autointerp/comparison.json",
-        plot="results/autointerp/comparison.png",
-        sheet="results/autointerp/ratings/rating_sheet.csv",
-        form="results/autointerp/ratings/rating_sheet.html",
-        key="results/autointerp/ratings_key.csv",  # outside ratings/, the folder handed to raters
+        **RESULTS.autointerp_comparison,
     params:
-        autointerp=config["autointerp"],
+        bootstrap_samples=config["autointerp"]["bootstrap_samples"],
+        seed=config["autointerp"]["seed"],
+        ratings_dir=config["autointerp"]["ratings_dir"],
         names=DICTIONARIES,
     log:
-        "results/logs/compare_autointerp.log",
+        RESULTS.log("compare_autointerp"),
     threads: 1
     resources:
         **SLURM_CPU,

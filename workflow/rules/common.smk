@@ -4,6 +4,7 @@ import shlex
 import sys
 
 from monoscope.config import ConfigError, NEURONS, hook_name, sae_runs, shard_batches, shard_names, validate_config
+from monoscope.layout import Layout
 
 try:
     _validated = validate_config(config)
@@ -12,6 +13,7 @@ except ConfigError as error:
 config.clear()
 config.update(_validated)
 
+RESULTS = Layout("results")
 TRAIN_SHARDS, EVAL_SHARDS = shard_names(config)
 ALL_SHARDS = TRAIN_SHARDS + EVAL_SHARDS
 SHARD_BATCHES = shard_batches(config)
@@ -20,6 +22,8 @@ SAE_NAMES = list(SAE_RUNS)
 DICTIONARIES = SAE_NAMES + [NEURONS]
 HOOK = hook_name(config)
 NATIVE = config["model"]["source"] == "native"
+# One training job per SAE (the {name} wildcard), or one for the whole sweep from one pass over the data.
+JOINT_TRAINING = config["sae"]["train_jointly"]
 
 
 wildcard_constraints:
@@ -27,30 +31,31 @@ wildcard_constraints:
 
 
 def activation_stores(shards):
-    return [f"results/activations/{shard}.zarr" for shard in shards]
+    return [RESULTS.activation_store(shard) for shard in shards]
 
 
 def dictionary_input(wildcards):
     """The SAE checkpoint a per-dictionary rule reads; nothing for the neurons."""
     if wildcards.name == NEURONS:
         return []
-    return [f"results/sae/{wildcards.name}/sae.safetensors", f"results/sae/{wildcards.name}/cfg.json"]
+    return list(RESULTS.sae_checkpoint(wildcards.name).values())
 
 
-def model_params():
-    """What the model's outputs depend on, so a changed model reruns everything downstream."""
-    return {"model": config["model"], "tokenizer": config["tokenizer"], "seed": config["seed"]}
+def trained_names(wildcards):
+    """The SAEs one train_sae job trains: its {name}, or the whole sweep when they train jointly."""
+    return [wildcards.name] if hasattr(wildcards, "name") else SAE_NAMES
 
 
 def autointerp_params():
-    """Everything the answers depend on, so a changed endpoint, model or sampling setting reruns."""
-    return {k: v for k, v in config["autointerp"].items() if k not in ("enabled", "ratings_dir")}
+    """What one dictionary's job reads: everything its answers depend on, so a changed endpoint, model or
+    sampling setting reruns it (the comparison's keys and the switch do not)."""
+    return {k: v for k, v in config["autointerp"].items() if k not in ("enabled", "ratings_dir", "bootstrap_samples")}
 
 
 def sae_launcher(wildcards, threads):
     """plain python, or `accelerate launch` with one process per GPU the job asked for; shell-quoted
     word by word (the interpreter's path may hold a space)."""
-    gpus = config["sae"].get("gpus", 0)
+    gpus = config["sae"]["gpus"]
     words = [sys.executable]
     if gpus > 1:
         words += ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(gpus)]
@@ -71,14 +76,13 @@ SLURM_GPU = SLURM_CPU | {"slurm_partition": os.environ.get("MONOSCOPE_SLURM_GPU_
 # asks for proportionally more, so a job killed for time or memory gets room on its next try.
 # The width of the hooked activation: known for the native model; for a pretrained one, before
 # anything is loaded, a bound that covers the presets (SmolLM2 1536, GPT-2 3072, Pythia 2048).
-D_IN = config["model"]["native"].get("d_mlp", 512) if NATIVE else 4096
+D_IN = config["model"]["native"]["d_mlp"] if NATIVE else 4096
 # A conservative sustained rate for runtime estimates only: an SAE step costs ~6 FLOP per weight per token.
 GPU_FLOPS = 1e13
 
 
 def _sae_widths(wildcards):
-    runs = [SAE_RUNS[wildcards.name]] if hasattr(wildcards, "name") else SAE_RUNS.values()
-    return [D_IN * run["expansion_factor"] for run in runs]
+    return [D_IN * SAE_RUNS[name]["expansion_factor"] for name in trained_names(wildcards)]
 
 
 def sae_mem_mb(wildcards, attempt):

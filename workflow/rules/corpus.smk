@@ -2,13 +2,13 @@ rule split_corpus:
     output:
         # One directory of <shard>.jsonl and manifest.json, not one output per shard: planning
         # matches every file against every output of a rule, quadratic in shards.
-        directory("results/corpus"),
+        directory(RESULTS.corpus),
     params:
         corpus=config["corpus"],
         seed=config["seed"],
         shards=ALL_SHARDS,
     log:
-        "results/logs/split_corpus.log",
+        RESULTS.log("split_corpus"),
     threads: 1
     resources:
         **SLURM_CPU,

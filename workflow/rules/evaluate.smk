@@ -1,20 +1,18 @@
 rule evaluate:
     input:
         stores=activation_stores(EVAL_SHARDS),
-        model="results/model/model.json",
+        model=RESULTS.model_spec,
         dictionary=dictionary_input,
     output:
-        metrics="results/eval/{name}/metrics.json",
-        features="results/eval/{name}/features.parquet",
-        # The held-out tokens' active codes, so the features pass does not encode them again.
-        codes="results/eval/{name}/codes.safetensors",
+        **RESULTS.eval_outputs("{name}"),
     params:
         evaluate=config["evaluate"],
+        model=config["model"],
         hook=HOOK,
     log:
-        "results/logs/evaluate/{name}.log",
+        RESULTS.log("evaluate/{name}"),
     benchmark:
-        "results/benchmarks/evaluate/{name}.tsv"
+        RESULTS.benchmark("evaluate/{name}")
     threads: 2
     resources:
         **SLURM_GPU,

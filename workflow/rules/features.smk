@@ -4,23 +4,22 @@
 rule features:
     input:
         stores=activation_stores(EVAL_SHARDS),
-        model="results/model/model.json",
-        tokenizer="results/tokenizer/tokenizer_config.json",
-        eval_features="results/eval/{name}/features.parquet",
-        eval_codes="results/eval/{name}/codes.safetensors",
+        model=RESULTS.model_spec,
+        tokenizer=RESULTS.tokenizer,
+        unit_stats=RESULTS.eval_outputs("{name}")["features"],
+        eval_codes=RESULTS.eval_outputs("{name}")["codes"],
         dictionary=dictionary_input,
     output:
-        units="results/features/{name}/units.parquet",
-        examples="results/features/{name}/examples.npz",
-        weights="results/features/{name}/weights.npz",
-        summary="results/features/{name}/summary.json",
+        **RESULTS.features_outputs("{name}"),
     params:
         features=config["features"],
+        seed=config["seed"],
+        model=config["model"],
         hook=HOOK,
     log:
-        "results/logs/features/{name}.log",
+        RESULTS.log("features/{name}"),
     benchmark:
-        "results/benchmarks/features/{name}.tsv"
+        RESULTS.benchmark("features/{name}")
     threads: 2
     resources:
         **SLURM_GPU,
@@ -35,17 +34,19 @@ rule features:
 
 rule site:
     input:
-        summaries=expand("results/features/{name}/summary.json", name=DICTIONARIES),
-        tokenizer="results/tokenizer/tokenizer_config.json",
-        scores=expand("results/autointerp/{name}/scores.csv", name=DICTIONARIES) if config["autointerp"]["enabled"] else [],
+        summaries=[RESULTS.features_outputs(name)["summary"] for name in DICTIONARIES],
+        tokenizer=RESULTS.tokenizer,
+        scores=[RESULTS.autointerp_outputs(name)["scores"] for name in DICTIONARIES] if config["autointerp"]["enabled"] else [],
     output:
-        index="results/report/browser/index.html",
+        index=RESULTS.browser_dir / "index.html",
     params:
+        names=DICTIONARIES,
+        results=RESULTS.root,
         live_threshold=10 ** config["evaluate"]["live_log10_density"],
     log:
-        "results/logs/site.log",
+        RESULTS.log("site"),
     benchmark:
-        "results/benchmarks/site.tsv"
+        RESULTS.benchmark("site")
     threads: 1
     resources:
         **SLURM_CPU,

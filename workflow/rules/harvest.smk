@@ -6,17 +6,18 @@ for batch, shards in SHARD_BATCHES.items():
         name:
             f"harvest_{batch}"
         input:
-            tokens=[f"results/tokens/{shard}.zarr" for shard in shards],
-            model="results/model/model.json",
+            tokens=[RESULTS.token_shard(shard) for shard in shards],
+            model=RESULTS.model_spec,
         output:
-            [directory(f"results/activations/{shard}.zarr") for shard in shards],
+            [directory(RESULTS.activation_store(shard)) for shard in shards],
         params:
             harvest=config["harvest"],
+            model=config["model"],
             hook=HOOK,
         log:
-            f"results/logs/harvest/{batch}.log",
+            RESULTS.log(f"harvest/{batch}"),
         benchmark:
-            f"results/benchmarks/harvest/{batch}.tsv"
+            RESULTS.benchmark(f"harvest/{batch}")
         threads: 2
         resources:
             **SLURM_GPU,

@@ -2,19 +2,20 @@ if NATIVE:
 
     rule train_lm:
         input:
-            train=expand("results/tokens/{shard}.zarr", shard=TRAIN_SHARDS),
-            held_out=expand("results/tokens/{shard}.zarr", shard=EVAL_SHARDS),
-            tokenizer="results/tokenizer/tokenizer_config.json",
+            train=[RESULTS.token_shard(shard) for shard in TRAIN_SHARDS],
+            held_out=[RESULTS.token_shard(shard) for shard in EVAL_SHARDS],
+            tokenizer=RESULTS.tokenizer,
         output:
-            weights="results/model/model.safetensors",
-            spec="results/model/model.json",
+            weights=RESULTS.model_weights,
+            spec=RESULTS.model_spec,
         params:
-            model=config["model"],
+            native=config["model"]["native"],
+            train=config["model"]["train"],
             seed=config["seed"],
         log:
-            "results/logs/train_lm.log",
+            RESULTS.log("train_lm"),
         benchmark:
-            "results/benchmarks/train_lm.tsv"
+            RESULTS.benchmark("train_lm")
         threads: 2
         resources:
             **SLURM_GPU,
@@ -30,13 +31,13 @@ else:
 
     rule prepare_model:
         output:
-            spec="results/model/model.json",
+            spec=RESULTS.model_spec,
         params:
             model=config["model"],
         log:
-            "results/logs/prepare_model.log",
+            RESULTS.log("prepare_model"),
         benchmark:
-            "results/benchmarks/prepare_model.tsv"
+            RESULTS.benchmark("prepare_model")
         threads: 2
         resources:
             **SLURM_CPU,

@@ -1,15 +1,18 @@
 rule report:
     input:
-        metrics=expand("results/eval/{name}/metrics.json", name=DICTIONARIES),
-        model="results/model/model.json",
-        feature_summaries=expand("results/features/{name}/summary.json", name=DICTIONARIES),
+        metrics=[RESULTS.eval_outputs(name)["metrics"] for name in DICTIONARIES],
+        model=RESULTS.model_spec,
+        feature_summaries=[RESULTS.features_outputs(name)["summary"] for name in DICTIONARIES],
     output:
-        index="results/report/index.html",
-        summary="results/report/summary.json",
+        index=RESULTS.report_dir / "index.html",
+        summary=RESULTS.report_dir / "summary.json",
     params:
-        report=config["report"],
+        names=DICTIONARIES,
+        title=config["report"]["title"],
+        model=config["model"],
+        hook=HOOK,
     log:
-        "results/logs/report.log",
+        RESULTS.log("report"),
     threads: 1
     resources:
         **SLURM_CPU,

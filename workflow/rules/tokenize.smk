@@ -2,17 +2,17 @@ if NATIVE:
 
     rule train_tokenizer:
         input:
-            corpus="results/corpus",
+            corpus=rules.split_corpus.output[0],
         output:
-            "results/tokenizer/tokenizer_config.json",
+            RESULTS.tokenizer,
         params:
             # Trained on the training shards only, so held-out text stays unseen.
             shards=TRAIN_SHARDS,
             vocab_size=config["tokenizer"]["vocab_size"],
         log:
-            "results/logs/train_tokenizer.log",
+            RESULTS.log("train_tokenizer"),
         benchmark:
-            "results/benchmarks/train_tokenizer.tsv"
+            RESULTS.benchmark("train_tokenizer")
         threads: 2
         resources:
             **SLURM_CPU,
@@ -27,11 +27,11 @@ else:
 
     rule save_model_tokenizer:
         output:
-            "results/tokenizer/tokenizer_config.json",
+            RESULTS.tokenizer,
         params:
             model=config["model"],
         log:
-            "results/logs/save_model_tokenizer.log",
+            RESULTS.log("save_model_tokenizer"),
         threads: 1
         resources:
             **SLURM_CPU,
@@ -52,14 +52,14 @@ for batch, shards in SHARD_BATCHES.items():
         name:
             f"tokenize_{batch}"
         input:
-            corpus="results/corpus",
-            tokenizer="results/tokenizer/tokenizer_config.json",
+            corpus=rules.split_corpus.output[0],
+            tokenizer=RESULTS.tokenizer,
         output:
-            [directory(f"results/tokens/{shard}.zarr") for shard in shards],
+            [directory(RESULTS.token_shard(shard)) for shard in shards],
         params:
             context=config["tokenizer"]["context"],
         log:
-            f"results/logs/tokenize/{batch}.log",
+            RESULTS.log(f"tokenize/{batch}"),
         threads: 1
         resources:
             **SLURM_CPU,

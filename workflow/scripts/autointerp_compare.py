@@ -1,6 +1,6 @@
 from pathlib import Path
 
-from monoscope.autointerp.pipeline import AutointerpSettings, run_comparison
+from monoscope.autointerp.pipeline import run_comparison
 from monoscope.runtime import start_job
 from monoscope.tokenize import token_strings
 
@@ -10,7 +10,9 @@ run_comparison(
     snakemake.output.comparison,
     snakemake.output.plot,
     Path(snakemake.output.sheet).parent,
-    AutointerpSettings.from_config(snakemake.params.autointerp),
+    bootstrap_samples=snakemake.params.bootstrap_samples,
+    seed=snakemake.params.seed,
+    ratings_dir=snakemake.params.ratings_dir,
     key_path=snakemake.output.key,
     weights_paths=dict(zip(snakemake.params.names, snakemake.input.weights)),
     strings=token_strings(Path(snakemake.input.tokenizer).parent),

@@ -1,15 +1,17 @@
 from pathlib import Path
 
-from monoscope.evaluate import evaluate_dictionary
+from monoscope.config import settings_from
+from monoscope.evaluate import EvaluateSettings, evaluate_dictionary
 from monoscope.runtime import start_job
 
 start_job(snakemake)
-sae_dir = Path(snakemake.input.dictionary[0]).parent if snakemake.input.dictionary else None
 evaluate_dictionary(
-    snakemake.config,
-    snakemake.wildcards.name,
-    sae_dir,
+    settings_from(EvaluateSettings, snakemake.params.evaluate),
+    snakemake.params.model,
     Path(snakemake.input.model).parent,
+    snakemake.params.hook,
+    snakemake.wildcards.name,
+    Path(snakemake.input.dictionary[0]).parent if snakemake.input.dictionary else None,
     list(snakemake.input.stores),
     Path(snakemake.output.metrics).parent,
 )

@@ -1,7 +1,14 @@
 from pathlib import Path
 
-from monoscope.harvest import harvest_shards
+from monoscope.config import settings_from
+from monoscope.harvest import HarvestSettings, harvest_shards
 from monoscope.runtime import start_job
 
 start_job(snakemake)
-harvest_shards(snakemake.config, Path(snakemake.input.model).parent, list(zip(snakemake.input.tokens, snakemake.output)))
+harvest_shards(
+    settings_from(HarvestSettings, snakemake.params.harvest),
+    snakemake.params.model,
+    Path(snakemake.input.model).parent,
+    snakemake.params.hook,
+    list(zip(snakemake.input.tokens, snakemake.output)),
+)

@@ -25,7 +25,6 @@ from .client import LLMClient
 from .records import Record, UnitRecords
 from .simulate import BadAnswer, chat_text, sampling_params
 
-SCORERS = ("simulation", "detection", "fuzzing")
 INTRO = ("We're studying neurons in a neural network. Each neuron looks for some particular thing in a short "
          "document. You are given an explanation of what a neuron looks for. ")
 DETECTION_SYSTEM = INTRO + ("Say whether the neuron activates on the given text, that is whether the text contains "

@@ -38,7 +38,7 @@ import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 import openai
@@ -59,17 +59,20 @@ class RequestFailed(RuntimeError):
 
 @dataclass(frozen=True)
 class ClientConfig:
+    """The endpoint and retry keys of the ``autointerp`` config section (the schema holds their defaults)."""
+
+    SECTION: ClassVar[str] = "autointerp"
+
     base_url: str
     model: str
-    # Name of the environment variable that holds the key; empty means "no key needed".
-    api_key_env: str = "OPENAI_API_KEY"
-    concurrency: int = 8
-    max_retries: int = 5
-    backoff_s: float = 1.0  # first retry waits about this long, doubling each time
-    backoff_max_s: float = 30.0
-    timeout_s: float = 60.0
-    max_requests: int | None = None  # budget: requests actually sent (cache hits are free)
-    max_total_tokens: int | None = None  # budget: prompt + completion tokens reported by the endpoint
+    api_key_env: str  # name of the environment variable that holds the key; empty means "no key needed"
+    concurrency: int
+    max_retries: int
+    backoff_s: float  # first retry waits about this long, doubling each time
+    backoff_max_s: float
+    timeout_s: float
+    max_requests: int | None  # budget: requests actually sent (cache hits are free)
+    max_total_tokens: int | None  # budget: prompt + completion tokens reported by the endpoint
 
 
 @dataclass

@@ -13,21 +13,22 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from tqdm import tqdm
 
 from monoscope.atomic import atomic_open
+from monoscope.config import settings_from
 
-from .classify import SCORERS, balanced_accuracy, classify, detection_examples, fuzzing_examples
+from .classify import balanced_accuracy, classify, detection_examples, fuzzing_examples
 from .client import BudgetExceeded, ClientConfig, LLMClient, RequestFailed, job_cache_path
 from .explain import explain
-from .records import SAMPLINGS, UnitRecords, collect_records
+from .records import UnitRecords, collect_records
 from .score import correlation_scores
-from .simulate import METHODS, BadAnswer, detect_method, simulate_record
+from .simulate import BadAnswer, detect_method, simulate_record
 
 log = logging.getLogger(__name__)
 
@@ -38,59 +39,42 @@ SCORE_METRICS = ("spearman", "pearson", "detection", "fuzzing")
 
 @dataclass(frozen=True)
 class AutointerpSettings:
-    """The ``autointerp`` config section (see workflow/schemas/config.schema.yaml for descriptions)."""
+    """The ``autointerp`` config section as one dictionary's job reads it (the comparison reads ratings_dir,
+    bootstrap_samples and seed): workflow/schemas/config.schema.yaml documents each key and holds its
+    default (build with monoscope.config.settings_from)."""
 
-    base_url: str = "http://127.0.0.1:8000/v1"
-    model: str = "gpt-4o-mini"
-    api_key_env: str = "OPENAI_API_KEY"
-    n_units: int = 20
-    n_top_density: int = 0
-    seed: int = 0
-    n_top: int = 20
-    n_explain: int = 5
-    n_random: int = 5
-    n_quantile: int = 5
-    quantile_pool: int = 200
-    record_len: int | None = 32
-    sampling: str = "bills"
-    scorers: tuple[str, ...] = SCORERS
-    seqs_per_block: int = 64
-    simulation_method: str = "auto"
-    top_logprobs: int = 15
-    explanation_max_tokens: int = 60
-    bad_answer_retries: int = 2
-    concurrency: int = 8
-    max_retries: int = 5
-    backoff_s: float = 1.0
-    backoff_max_s: float = 30.0
-    timeout_s: float = 60.0
-    max_requests: int | None = None
-    max_total_tokens: int | None = None
-    cache_path: str = "results/autointerp/cache/responses.sqlite"
-    ratings_dir: str = "config/ratings"
-    bootstrap_samples: int = 1000
+    SECTION: ClassVar[str] = "autointerp"
 
-    @classmethod
-    def from_config(cls, section: dict[str, Any]) -> AutointerpSettings:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(section) - known - {"enabled"})
-        if unknown:
-            raise ValueError(f"unknown autointerp config key(s): {', '.join(unknown)}")
-        settings = cls(**{k: tuple(v) if k == "scorers" else v for k, v in section.items() if k in known})
-        if not settings.scorers or set(settings.scorers) - set(SCORERS):
-            raise ValueError(f"autointerp.scorers must be a non-empty subset of {SCORERS}, got {list(settings.scorers)}")
-        if settings.sampling not in SAMPLINGS:
-            raise ValueError(f"autointerp.sampling must be one of {SAMPLINGS}, got {settings.sampling!r}")
-        if settings.simulation_method not in METHODS:
-            raise ValueError(f"autointerp.simulation_method must be one of {METHODS}, got {settings.simulation_method!r}")
-        return settings
+    base_url: str
+    model: str
+    api_key_env: str
+    n_units: int
+    n_top_density: int
+    seed: int
+    n_top: int
+    n_explain: int
+    n_random: int
+    n_quantile: int
+    quantile_pool: int
+    record_len: int | None
+    sampling: str
+    scorers: list[str]
+    seqs_per_block: int
+    simulation_method: str
+    top_logprobs: int
+    explanation_max_tokens: int
+    bad_answer_retries: int
+    concurrency: int
+    max_retries: int
+    backoff_s: float
+    backoff_max_s: float
+    timeout_s: float
+    max_requests: int | None
+    max_total_tokens: int | None
+    cache_path: str
 
     def client_config(self) -> ClientConfig:
-        return ClientConfig(base_url=self.base_url, model=self.model, api_key_env=self.api_key_env,
-                            concurrency=self.concurrency, max_retries=self.max_retries, backoff_s=self.backoff_s,
-                            backoff_max_s=self.backoff_max_s,
-                            timeout_s=self.timeout_s, max_requests=self.max_requests,
-                            max_total_tokens=self.max_total_tokens)
+        return settings_from(ClientConfig, asdict(self))
 
 
 def select_units(density: np.ndarray, n_units: int, n_top_density: int, seed: int) -> list[int]:
@@ -213,35 +197,25 @@ async def _run(units, strings, settings: AutointerpSettings, cache_path: str | P
     return results, usage
 
 
-def unit_density(blocks: Iterable[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
-    """Fraction of tokens on which each unit is > 0."""
-    active, total = None, 0
-    for _, acts in blocks:
-        counts = (acts > 0).sum(axis=(0, 1))
-        active = counts if active is None else active + counts
-        total += acts.shape[0] * acts.shape[1]
-    if active is None:
-        raise ValueError("no activation blocks to compute densities from")
-    return active / total
-
-
-def run_dictionary(activation_paths: Sequence[str | Path], name: str, sae_dir: str | Path | None,
-                   tokenizer_dir: str | Path, out_dir: str | Path, settings: AutointerpSettings) -> dict:
-    """Autointerp for dictionary ``name`` ("neurons" or an SAE in ``sae_dir``) on the held-out stores.
+def run_dictionary(settings: AutointerpSettings, name: str, sae_dir: str | Path | None, *,
+                   activation_paths: Sequence[str | Path], unit_stats: str | Path, tokenizer_dir: str | Path,
+                   out_dir: str | Path) -> dict:
+    """Autointerp for dictionary ``name`` ("neurons" or an SAE in ``sae_dir``) on the held-out stores; units
+    are drawn by the evaluation's densities (``unit_stats``, monoscope.dictionary.read_unit_stats).
 
     Writes ``explanations.jsonl``, ``simulations.jsonl``, ``scores.csv`` and ``usage.json`` to ``out_dir``,
     each to a temporary name first. Returns the usage dict.
     """
     import torch
 
-    from monoscope.evaluate import load_dictionary
+    from monoscope.dictionary import open_dictionary, read_unit_stats
     from monoscope.store import iter_sequence_blocks, open_activations
     from monoscope.tokenize import token_strings
 
     stores = [open_activations(p) for p in activation_paths]
     if not stores:
         raise ValueError("autointerp needs at least one held-out activation store")
-    dictionary = load_dictionary(name, sae_dir, stores[0].d)
+    dictionary = open_dictionary(name, sae_dir, stores[0].d)
 
     def feature_blocks() -> Iterator[tuple[np.ndarray, np.ndarray]]:
         for store in stores:
@@ -250,7 +224,7 @@ def run_dictionary(activation_paths: Sequence[str | Path], name: str, sae_dir: s
                     yield tokens, dictionary.encode(torch.from_numpy(acts)).numpy()
 
     started = time.monotonic()
-    units = select_units(unit_density(feature_blocks()), settings.n_units, settings.n_top_density, settings.seed)
+    units = select_units(read_unit_stats(unit_stats)["density"].to_numpy(), settings.n_units, settings.n_top_density, settings.seed)
     records = collect_records(feature_blocks(), units, n_top=settings.n_top, n_random=settings.n_random,
                               n_quantile=settings.n_quantile, n_explain=settings.n_explain,
                               record_len=settings.record_len, seed=settings.seed,
@@ -319,18 +293,19 @@ def logit_weights_text(weights_path: str | Path | None, strings: Sequence[str] |
 
 
 def run_comparison(result_dirs: dict[str, str | Path], out_json: str | Path, out_png: str | Path,
-                   ratings_out_dir: str | Path, settings: AutointerpSettings, key_path: str | Path | None = None,
-                   weights_paths: dict[str, str | Path] | None = None, strings: Sequence[str] | None = None) -> dict:
-    """Features vs neurons: bootstrap CIs per dictionary, the plot, a blind rating sheet (with each unit's
-    logit weights from ``weights_paths``, the features jobs' weights.npz), and any filled sheets found in
-    ``settings.ratings_dir`` ingested under ``human_ratings``. The answer key goes to ``key_path`` (default:
-    ratings_key.csv beside the raters' folder, never inside it)."""
+                   ratings_out_dir: str | Path, *, bootstrap_samples: int, seed: int, ratings_dir: str | Path,
+                   key_path: str | Path | None = None, weights_paths: dict[str, str | Path] | None = None,
+                   strings: Sequence[str] | None = None) -> dict:
+    """Features vs neurons: bootstrap CIs per dictionary (``bootstrap_samples`` resamples, seeded), the plot, a
+    blind rating sheet (with each unit's logit weights from ``weights_paths``, the features jobs' weights.npz),
+    and any filled sheets found in ``ratings_dir`` ingested under ``human_ratings``. The answer key goes to
+    ``key_path`` (default: ratings_key.csv beside the raters' folder, never inside it)."""
     key_path = Path(key_path) if key_path is not None else Path(ratings_out_dir).parent / "ratings_key.csv"
     from .ratings import export_sheet, ingest_ratings
     from .score import compare_dictionaries, plot_comparison
 
     scores = {name: read_scores(Path(d) / "scores.csv") for name, d in result_dirs.items()}
-    summary = {"scores": compare_dictionaries(scores, n_boot=settings.bootstrap_samples, seed=settings.seed)}
+    summary = {"scores": compare_dictionaries(scores, n_boot=bootstrap_samples, seed=seed)}
     items = []
     for name, directory in result_dirs.items():
         logits = logit_weights_text((weights_paths or {}).get(name), strings)
@@ -340,8 +315,8 @@ def run_comparison(result_dirs: dict[str, str | Path], out_json: str | Path, out
                 if row["explanation"]:
                     items.append({"dictionary": name, "unit": row["unit"], "explanation": row["explanation"],
                                   "examples": _examples_text(row["records"]), "logit_weights": logits.get(row["unit"], "")})
-    export_sheet(items, ratings_out_dir, key_path, seed=settings.seed)
-    summary["human_ratings"] = ingest_ratings(settings.ratings_dir, key_path)
+    export_sheet(items, ratings_out_dir, key_path, seed=seed)
+    summary["human_ratings"] = ingest_ratings(ratings_dir, key_path)
     summary["usage"] = {name: json.loads((Path(d) / "usage.json").read_text()) for name, d in result_dirs.items()}
     plot_comparison(summary["scores"], out_png)
     with atomic_open(Path(out_json), newline="") as f:
