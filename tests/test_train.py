@@ -155,14 +155,15 @@ def test_b_dec_starts_at_the_geometric_median_of_normalised_data(tmp_path):
 def test_resampling_reinitialises_dead_features_as_the_paper_says(tmp_path):
     trainer = make_trainer(tmp_path, {"a": run_cfg(train_tokens=64 * 30, resample_steps=[])})
     trainer.train()
-    sae, cfg = trainer.saes[0], trainer.cfgs[0]
+    run = trainer.runs[0]
+    sae, cfg = run.sae, run.cfg
     dead = torch.zeros(sae.d_sae, dtype=torch.bool)
     dead[[3, 10, 11]] = True
-    trainer.window_fires[0][dead] = 0  # silent through the window: the paper's dead neurons
-    trainer.window_fires[0][~dead] = 1
+    run.window_fires[dead] = 0  # silent through the window: the paper's dead neurons
+    run.window_fires[~dead] = 1
     alive_norm = sae.W_enc[:, ~dead].norm(dim=0).mean()
     before = sae.W_dec[~dead].clone()
-    (row,) = trainer.resample(trainer.device_batches(0), 0)
+    (row,) = trainer.resample(trainer.device_batches(0), trainer.runs[0])
     assert row == {"event": "resample", "sae": "a", "step": 30, "resampled": 3}
     assert torch.allclose(sae.W_dec[dead].norm(dim=1), torch.ones(3))
     assert torch.allclose(sae.W_enc[:, dead].norm(dim=0), torch.full((3,), 0.2 * alive_norm.item()))
@@ -181,22 +182,22 @@ def test_resampling_reinitialises_dead_features_as_the_paper_says(tmp_path):
 def test_resampling_above_zero_density_also_takes_the_near_dead(tmp_path):
     trainer = make_trainer(tmp_path, {"a": run_cfg(train_tokens=64 * 30, resample_steps=[], resample_max_density=0.01)})
     trainer.train()
-    trainer.window_tokens[0] = 1000  # a window of 1000 tokens: fewer than 10 firings is near-dead
+    trainer.runs[0].window_tokens = 1000  # a window of 1000 tokens: fewer than 10 firings is near-dead
     fires = torch.full((trainer.saes[0].d_sae,), 50)
     fires[[0, 1, 2]] = torch.tensor([0, 9, 10])
-    trainer.window_fires[0].copy_(fires)
-    (row,) = trainer.resample(trainer.device_batches(0), 0)
+    trainer.runs[0].window_fires.copy_(fires)
+    (row,) = trainer.resample(trainer.device_batches(0), trainer.runs[0])
     assert row["resampled"] == 2  # never fired, and 9 of 1000; 10 of 1000 stays
-    assert trainer.window_fires[0][:2].tolist() == [0, 0] and trainer.window_fires[0][2] == 10
+    assert trainer.runs[0].window_fires[:2].tolist() == [0, 0] and trainer.runs[0].window_fires[2] == 10
 
 
 def test_the_resampling_window_counts_the_steps_before_each_resample_step(tmp_path):
     trainer = make_trainer(tmp_path, {"a": run_cfg(train_tokens=64 * 30, resample_steps=[20], resample_window=8)})
     seen = []
     original = trainer.resample
-    trainer.resample = lambda data, i: seen.append(trainer.window_tokens[i]) or original(data, i)
+    trainer.resample = lambda data, run: seen.append(run.window_tokens) or original(data, run)
     trainer.train()
-    assert seen == [8 * trainer.cfgs[0].batch_size]
+    assert seen == [8 * trainer.runs[0].cfg.batch_size]
 
 def test_divergence_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(tmp_path):
     acts = synthetic_acts(64 * 50)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -110,7 +110,109 @@ class FeatureStats:
         )
 
 
+@dataclass
+class HeldOutTotals:
+    """What the pass sums over the held-out sequences the losses are measured on."""
+
+    d_in: int
+    n_seq: int = 0
+    n_tokens: int = 0
+    sq_err: float = 0.0  # sum over tokens of |x - x_hat|^2
+    act_sq_sum: float = 0.0  # sum over tokens of |x|^2
+    losses: dict[str, float] = field(default_factory=lambda: {"clean": 0.0, "recons": 0.0, "zero_abl": 0.0})  # summed per sequence
+
+    def __post_init__(self) -> None:
+        self.act_sum = torch.zeros(self.d_in, dtype=torch.float64)
+
+    @property
+    def total_variance(self) -> float:
+        """Sum over tokens of |x - mean|^2."""
+        mean = self.act_sum / self.n_tokens
+        return self.act_sq_sum - self.n_tokens * mean.pow(2).sum().item()
+
+    def mean_losses(self) -> dict[str, float]:
+        return {k: v / self.n_seq for k, v in self.losses.items()}
+
+
 @torch.no_grad()
+def held_out_pass(dictionary, bridge, hook: str, stores, settings: EvaluateSettings, name: str) -> tuple[FeatureStats, HeldOutTotals]:
+    """One pass over the held-out stores: every token's codes into FeatureStats (up to density_tokens), and
+    for the first max_seqs sequences the reconstruction errors and the clean, spliced and zero-ablated losses."""
+    d_in = stores[0].d
+    stats = FeatureStats(dictionary.d_sae, keep_codes=name != NEURONS)
+    totals = HeldOutTotals(d_in)
+
+    def reconstruct(act: torch.Tensor) -> torch.Tensor:
+        return dictionary.decode(dictionary.encode(act.float())).to(act.dtype)
+
+    # The losses need three forward passes of the model per block; feature densities only the encoder,
+    # so they are measured on many more tokens: rare features are not miscounted as dead.
+    loss_budget, density_budget = settings.max_seqs, settings.density_tokens
+    blocks = itertools.chain.from_iterable(store.iter_sequence_blocks(s, settings.batch_size) for s in stores)
+    progress = tqdm(total=loss_budget, desc=f"evaluate {name}", mininterval=10)
+    for tokens, acts in blocks:
+        if totals.n_seq >= loss_budget and stats.n_tokens >= density_budget:
+            break
+        x = torch.from_numpy(acts).flatten(0, 1).to(device())  # [b*s, d_in]
+        f = dictionary.encode(x)  # [b*s, d_sae]
+        stats.update(f.cpu())  # every token of the block, also past the loss budget
+        if totals.n_seq >= loss_budget:
+            continue
+        n_loss_seqs = min(len(tokens), loss_budget - totals.n_seq)
+        tokens = tokens[:n_loss_seqs]
+        x, f = x[: n_loss_seqs * tokens.shape[1]], f[: n_loss_seqs * tokens.shape[1]]
+        x_hat = dictionary.decode(f)
+        totals.sq_err += (x - x_hat).pow(2).sum().item()
+        totals.act_sum += x.sum(0, dtype=torch.float64).cpu()
+        totals.act_sq_sum += x.double().pow(2).sum().item()
+        batch = torch.from_numpy(tokens).long()
+        totals.losses["clean"] += models.loss_with_hook(bridge, batch, hook, None).sum().item()
+        totals.losses["recons"] += models.loss_with_hook(bridge, batch, hook, reconstruct).sum().item()
+        totals.losses["zero_abl"] += models.loss_with_hook(bridge, batch, hook, torch.zeros_like).sum().item()
+        totals.n_seq += len(tokens)
+        totals.n_tokens += len(x)
+        progress.update(len(tokens))
+    progress.close()
+    return stats, totals
+
+
+def dictionary_metrics(name: str, dictionary, table: pd.DataFrame, stats: FeatureStats, totals: HeldOutTotals,
+                       settings: EvaluateSettings) -> dict[str, Any]:
+    """metrics.json: losses and reconstruction score, MSE, FVU, L0 and the density bands."""
+    d_in = totals.d_in
+    losses = totals.mean_losses()
+    dense_threshold = 10 ** settings.dense_log10_density
+    live_threshold = 10 ** settings.live_log10_density
+    bands = density_bands(table["density"].to_numpy(), live_threshold)
+    hyperparameters = {} if name == NEURONS else dictionary.cfg.hyperparameters
+    return {
+        "name": name,
+        "d_in": d_in,
+        "d_sae": dictionary.d_sae,
+        "expansion_factor": dictionary.d_sae / d_in,
+        "eval_sequences": totals.n_seq,
+        "eval_tokens": totals.n_tokens,
+        "density_tokens": stats.n_tokens,
+        "clean_loss": losses["clean"],
+        "recons_loss": losses["recons"],
+        "zero_abl_loss": losses["zero_abl"],
+        "reconstruction_score": reconstruction_score(losses["clean"], losses["recons"], losses["zero_abl"]),
+        "mse": totals.sq_err / (totals.n_tokens * d_in),
+        "fvu": totals.sq_err / totals.total_variance,
+        "l0": stats.l0_sum / stats.n_tokens,
+        "architecture": hyperparameters.get("architecture"),
+        "l1_coefficient": hyperparameters.get("l1_coefficient"),
+        "live_threshold": live_threshold,
+        "density_bands": bands,
+        "live_features": bands["live"],
+        "live_fraction": bands["live"] / dictionary.d_sae,
+        "ultralow_fraction": bands["ultralow"] / dictionary.d_sae,
+        "dead_fraction": bands["dead"] / dictionary.d_sae,
+        "dense_fraction": float((table["density"] > dense_threshold).mean()),
+        "dense_threshold": dense_threshold,
+    }
+
+
 def evaluate_dictionary(
     settings: EvaluateSettings,
     model: dict[str, Any],
@@ -126,81 +228,10 @@ def evaluate_dictionary(
     with the model (the `model` config section, its outputs in model_dir) spliced at `hook`."""
     bridge = models.load_model(model, model_dir)
     stores = [store.open_activations(p) for p in eval_stores]
-    d_in = stores[0].d
-    dictionary = open_dictionary(name, sae_dir, d_in, device())
-    stats = FeatureStats(dictionary.d_sae, keep_codes=name != NEURONS)
-    sq_err = 0.0
-    act_sum = torch.zeros(d_in, dtype=torch.float64)
-    act_sq_sum = 0.0
-    losses = {"clean": 0.0, "recons": 0.0, "zero_abl": 0.0}
-    n_seq = 0
-
-    def reconstruct(act: torch.Tensor) -> torch.Tensor:
-        return dictionary.decode(dictionary.encode(act.float())).to(act.dtype)
-
-    # The losses need three forward passes of the model per block; feature densities only the encoder,
-    # so they are measured on many more tokens: rare features are not miscounted as dead.
-    loss_budget, density_budget = settings.max_seqs, settings.density_tokens
-    blocks = itertools.chain.from_iterable(store.iter_sequence_blocks(s, settings.batch_size) for s in stores)
-    progress = tqdm(total=loss_budget, desc=f"evaluate {name}", mininterval=10)
-    n_tokens = 0  # tokens the losses and reconstruction errors are measured on
-    for tokens, acts in blocks:
-        if n_seq >= loss_budget and stats.n_tokens >= density_budget:
-            break
-        x = torch.from_numpy(acts).flatten(0, 1).to(device())  # [b*s, d_in]
-        f = dictionary.encode(x)  # [b*s, d_sae]
-        stats.update(f.cpu())  # every token of the block, also past the loss budget
-        if n_seq >= loss_budget:
-            continue
-        n_loss_seqs = min(len(tokens), loss_budget - n_seq)
-        tokens = tokens[:n_loss_seqs]
-        x, f = x[: n_loss_seqs * tokens.shape[1]], f[: n_loss_seqs * tokens.shape[1]]
-        x_hat = dictionary.decode(f)
-        sq_err += (x - x_hat).pow(2).sum().item()
-        act_sum += x.sum(0, dtype=torch.float64).cpu()
-        act_sq_sum += x.double().pow(2).sum().item()
-        batch = torch.from_numpy(tokens).long()
-        losses["clean"] += models.loss_with_hook(bridge, batch, hook, None).sum().item()
-        losses["recons"] += models.loss_with_hook(bridge, batch, hook, reconstruct).sum().item()
-        losses["zero_abl"] += models.loss_with_hook(bridge, batch, hook, torch.zeros_like).sum().item()
-        n_seq += len(tokens)
-        n_tokens += len(x)
-        progress.update(len(tokens))
-    progress.close()
-    mean = act_sum / n_tokens
-    total_variance = act_sq_sum - n_tokens * mean.pow(2).sum().item()  # sum over tokens of |x - mean|^2
-    losses = {k: v / n_seq for k, v in losses.items()}
+    dictionary = open_dictionary(name, sae_dir, stores[0].d, device())
+    stats, totals = held_out_pass(dictionary, bridge, hook, stores, settings, name)
     table = stats.table()
-    dense_threshold = 10 ** settings.dense_log10_density
-    live_threshold = 10 ** settings.live_log10_density
-    bands = density_bands(table["density"].to_numpy(), live_threshold)
-    hyperparameters = {} if name == NEURONS else dictionary.cfg.hyperparameters
-    metrics = {
-        "name": name,
-        "d_in": d_in,
-        "d_sae": dictionary.d_sae,
-        "expansion_factor": dictionary.d_sae / d_in,
-        "eval_sequences": n_seq,
-        "eval_tokens": n_tokens,
-        "density_tokens": stats.n_tokens,
-        "clean_loss": losses["clean"],
-        "recons_loss": losses["recons"],
-        "zero_abl_loss": losses["zero_abl"],
-        "reconstruction_score": reconstruction_score(losses["clean"], losses["recons"], losses["zero_abl"]),
-        "mse": sq_err / (n_tokens * d_in),
-        "fvu": sq_err / total_variance,
-        "l0": stats.l0_sum / stats.n_tokens,
-        "architecture": hyperparameters.get("architecture"),
-        "l1_coefficient": hyperparameters.get("l1_coefficient"),
-        "live_threshold": live_threshold,
-        "density_bands": bands,
-        "live_features": bands["live"],
-        "live_fraction": bands["live"] / dictionary.d_sae,
-        "ultralow_fraction": bands["ultralow"] / dictionary.d_sae,
-        "dead_fraction": bands["dead"] / dictionary.d_sae,
-        "dense_fraction": float((table["density"] > dense_threshold).mean()),
-        "dense_threshold": dense_threshold,
-    }
+    metrics = dictionary_metrics(name, dictionary, table, stats, totals, settings)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "features.parquet") as tmp:

@@ -161,6 +161,19 @@ class _Progress:
     best_loss: list[float] = field(default_factory=list)
 
 
+@dataclass
+class SAERun:
+    """One SAE of the job and the state the loop keeps for it."""
+
+    name: str
+    cfg: TrainConfig
+    sae: SAE
+    since_fired: torch.Tensor  # [d_sae] tokens since each feature last fired: dead features for AuxK, resampling, logs
+    fired_interval: torch.Tensor  # [d_sae] bool: fired since the last log row
+    window_fires: torch.Tensor  # [d_sae] tokens each feature fired on since the resampling window opened
+    window_tokens: int = 0  # tokens since the resampling window opened
+
+
 def _fingerprint(runs: dict[str, dict[str, Any]], sources: Sequence[str], d_in: int, source_identity: Sequence[Any]) -> str:
     """What a checkpoint's weights depend on. The store paths alone are not enough: a rerun after
     changing model.layer or the hook rewrites the same paths with other activations of the same width."""
@@ -243,15 +256,13 @@ class Trainer:
 
         if not runs:
             raise ValueError("no SAE to train")
-        self.names = list(runs)
-        self.runs = runs
-        self.cfgs = [TrainConfig(**runs[n]) for n in self.names]
+        cfgs = {name: TrainConfig(**values) for name, values in runs.items()}
         shared = ("batch_size", "train_tokens", "seed", "norm_sample_tokens", "buffer_tokens", "loader_streams")
         for key in shared:
-            values = {getattr(c, key) for c in self.cfgs}
+            values = {getattr(c, key) for c in cfgs.values()}
             if len(values) > 1:
                 raise ValueError(f"SAEs trained in one job must share sae.{key}; got {sorted(values)}")
-        self.cfg0 = self.cfgs[0]
+        self.cfg0 = next(iter(cfgs.values()))
         self.d_in = d_in
         self.batches = batches
         self.resume_dir = Path(resume_dir)
@@ -265,22 +276,21 @@ class Trainer:
         self.fingerprint = _fingerprint(runs, self.sources, d_in, self.source_identity)
         self.generator = torch.Generator().manual_seed(self.cfg0.seed)  # resampling draws
 
-        self.saes = [
-            SAE(sae_config(cfg, d_in, hyperparameters=runs[name], source_stores=self.sources, source_attrs=self.source_attrs),
-                generator=torch.Generator().manual_seed(cfg.seed)).to(self.device)
-            for name, cfg in zip(self.names, self.cfgs)
-        ]
+        self.runs: list[SAERun] = []
+        for name, cfg in cfgs.items():
+            sae = SAE(sae_config(cfg, d_in, hyperparameters=runs[name], source_stores=self.sources, source_attrs=self.source_attrs),
+                      generator=torch.Generator().manual_seed(cfg.seed)).to(self.device)
+            zeros = lambda dtype: torch.zeros(sae.d_sae, dtype=dtype, device=self.device)  # noqa: E731
+            self.runs.append(SAERun(name, cfg, sae, zeros(torch.long), zeros(torch.bool), zeros(torch.long)))
         self.optimizer = torch.optim.Adam(
-            [{"params": list(s.parameters()), "lr": c.lr, "betas": (c.beta1, c.beta2)} for s, c in zip(self.saes, self.cfgs)],
+            [{"params": list(r.sae.parameters()), "lr": r.cfg.lr, "betas": (r.cfg.beta1, r.cfg.beta2)} for r in self.runs],
             fused=True,  # one kernel per parameter: several times faster than the loop, same maths
         )
-        # Tokens since each feature last fired, per SAE: dead features for AuxK, resampling, logs.
-        self.since_fired = [torch.zeros(s.d_sae, dtype=torch.long, device=self.device) for s in self.saes]
-        self.fired_interval = [torch.zeros(s.d_sae, dtype=torch.bool, device=self.device) for s in self.saes]
-        # Tokens each feature fired on since the current resampling window opened, and the window's tokens.
-        self.window_fires = [torch.zeros(s.d_sae, dtype=torch.long, device=self.device) for s in self.saes]
-        self.window_tokens = [0] * len(self.saes)
-        self.progress = _Progress(best_loss=[math.inf] * len(self.saes))
+        self.progress = _Progress(best_loss=[math.inf] * len(self.runs))
+
+    @property
+    def saes(self) -> list[SAE]:
+        return [run.sae for run in self.runs]
 
     # --- checkpoints ------------------------------------------------------------------------------
 
@@ -301,13 +311,13 @@ class Trainer:
             state = {
                 "fingerprint": self.fingerprint,
                 "progress": asdict(self.progress),
-                "saes": [s.state_dict() for s in self.saes],
-                "norm_scales": [s.cfg.norm_scale for s in self.saes],
+                "saes": [r.sae.state_dict() for r in self.runs],
+                "norm_scales": [r.sae.cfg.norm_scale for r in self.runs],
                 "optimizer": self.optimizer.state_dict(),
-                "since_fired": [t.cpu() for t in self.since_fired],
-                "fired_interval": [t.cpu() for t in self.fired_interval],
-                "window_fires": [t.cpu() for t in self.window_fires],
-                "window_tokens": self.window_tokens,
+                "since_fired": [r.since_fired.cpu() for r in self.runs],
+                "fired_interval": [r.fired_interval.cpu() for r in self.runs],
+                "window_fires": [r.window_fires.cpu() for r in self.runs],
+                "window_tokens": [r.window_tokens for r in self.runs],
                 "torch_rng": torch.get_rng_state(),
                 "generator": self.generator.get_state(),
             }
@@ -327,14 +337,14 @@ class Trainer:
         if state["fingerprint"] != self.fingerprint:
             log.warning("ignoring %s: written for other hyper-parameters or data", self.checkpoint_path)
             return False
-        for sae, weights, scale in zip(self.saes, state["saes"], state["norm_scales"]):
-            sae.load_state_dict(weights)
-            sae.cfg.norm_scale = scale
+        for i, run in enumerate(self.runs):
+            run.sae.load_state_dict(state["saes"][i])
+            run.sae.cfg.norm_scale = state["norm_scales"][i]
+            run.since_fired = state["since_fired"][i].to(self.device)
+            run.fired_interval = state["fired_interval"][i].to(self.device)
+            run.window_fires = state["window_fires"][i].to(self.device)
+            run.window_tokens = state["window_tokens"][i]
         self.optimizer.load_state_dict(state["optimizer"])
-        self.since_fired = [t.to(self.device) for t in state["since_fired"]]
-        self.fired_interval = [t.to(self.device) for t in state["fired_interval"]]
-        self.window_fires = [t.to(self.device) for t in state["window_fires"]]
-        self.window_tokens = list(state["window_tokens"])
         torch.set_rng_state(state["torch_rng"])
         self.generator.set_state(state["generator"])
         self.progress = _Progress(**state["progress"])
@@ -375,21 +385,21 @@ class Trainer:
         sample = self._gather_rows(sample).float()  # [n * B, d_in]
         scale = norm_scale_for(sample)
         median = geometric_median(sample * scale)
-        for sae in self.saes:
-            sae.cfg.norm_scale = scale
-            sae.b_dec.copy_(median.to(self.device))
+        for run in self.runs:
+            run.sae.cfg.norm_scale = scale
+            run.sae.b_dec.copy_(median.to(self.device))
 
     # --- resampling -------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def resample(self, data: Iterator[torch.Tensor], index: int) -> list[dict[str, Any]]:
-        """Re-initialise the features of SAE `index` that fired on fewer than resample_max_density of the
+    def resample(self, data: Iterator[torch.Tensor], run: SAERun) -> list[dict[str, Any]]:
+        """Re-initialise the features of `run`'s SAE that fired on fewer than resample_max_density of the
         tokens of the last resample_window steps (never, at 0): the dead and, above 0, the near-dead."""
-        cfg, sae = self.cfgs[index], self.saes[index]
-        fires = self.window_fires[index]  # [d_sae]
-        dead = (fires == 0) | (fires < cfg.resample_max_density * self.window_tokens[index])  # [d_sae]
+        cfg, sae = run.cfg, run.sae
+        fires = run.window_fires  # [d_sae]
+        dead = (fires == 0) | (fires < cfg.resample_max_density * run.window_tokens)  # [d_sae]
         n_dead = int(dead.sum())
-        row = {"event": "resample", "sae": self.names[index], "step": self.progress.step, "resampled": n_dead}
+        row = {"event": "resample", "sae": run.name, "step": self.progress.step, "resampled": n_dead}
         if n_dead == 0:
             return [row]
         n_batches = max(1, math.ceil(cfg.resample_inputs / cfg.batch_size))
@@ -424,8 +434,8 @@ class Trainer:
             for key in ("exp_avg", "exp_avg_sq"):
                 if key in state:
                     state[key][rows] = 0.0
-        self.since_fired[index][dead] = 0
-        self.window_fires[index][dead] = 0
+        run.since_fired[dead] = 0
+        run.window_fires[dead] = 0
         return [row]
 
     # --- the loop ---------------------------------------------------------------------------------
@@ -436,7 +446,7 @@ class Trainer:
             if self.acc.is_main_process and self.log_path.exists():
                 self.log_path.unlink()
             self.initialise_from_data()
-            self.progress = _Progress(best_loss=[math.inf] * len(self.saes))
+            self.progress = _Progress(best_loss=[math.inf] * len(self.runs))
         total = self.cfg0.total_steps
         data = self.device_batches(self.progress.batches_drawn)
         sums = self._zero_sums()
@@ -451,9 +461,9 @@ class Trainer:
             bar.update()
             step = self.progress.step
             rows = []
-            for i, cfg in enumerate(self.cfgs):
-                if step in cfg.resample_steps:
-                    rows += self.resample(data, i)
+            for run in self.runs:
+                if step in run.cfg.resample_steps:
+                    rows += self.resample(data, run)
             if step % self.cfg0.log_every == 0 or step == total:
                 rows += self._log_interval(sums)
                 sums = self._zero_sums()
@@ -466,34 +476,35 @@ class Trainer:
         bar.close()
         _close(data)
         tokens = total * self.cfg0.batch_size
-        for sae in self.saes:
-            sae.cfg.tokens_seen = tokens
+        for run in self.runs:
+            run.sae.cfg.tokens_seen = tokens
         return self.saes
 
     def _open_resample_windows(self) -> None:
         """Start counting firings resample_window steps before each resample step (at the start if sooner)."""
-        for i, cfg in enumerate(self.cfgs):
-            if self.progress.step + cfg.resample_window in cfg.resample_steps:
-                self.window_fires[i].zero_()
-                self.window_tokens[i] = 0
+        for run in self.runs:
+            if self.progress.step + run.cfg.resample_window in run.cfg.resample_steps:
+                run.window_fires.zero_()
+                run.window_tokens = 0
 
     @torch.no_grad()
     def _update_firing(self, terms) -> None:
-        for i, t in enumerate(terms):
+        for run, t in zip(self.runs, terms):
             counts = t["fire_counts"]  # [d_sae]: tokens of this process's batch
             if self.world > 1:
                 counts = self.acc.reduce(counts, reduction="sum")
             fired = counts > 0
-            self.since_fired[i] = torch.where(fired, 0, self.since_fired[i] + self.cfg0.batch_size)
-            self.fired_interval[i] |= fired
-            self.window_fires[i] += counts
-            self.window_tokens[i] += self.cfg0.batch_size
+            run.since_fired = torch.where(fired, 0, run.since_fired + self.cfg0.batch_size)
+            run.fired_interval |= fired
+            run.window_fires += counts
+            run.window_tokens += self.cfg0.batch_size
 
     def _train_step(self, x: torch.Tensor) -> list[dict[str, torch.Tensor]]:
         step = self.progress.step
-        x_n = x * self.saes[0].cfg.norm_scale  # [b, d_in]; one constant for every SAE of the job
+        x_n = x * self.runs[0].sae.cfg.norm_scale  # [b, d_in]; one constant for every SAE of the job
         terms = []
-        for sae, cfg, since_fired in zip(self.saes, self.cfgs, self.since_fired):
+        for run in self.runs:
+            sae, cfg, since_fired = run.sae, run.cfg, run.since_fired
             coefficient = sparsity_at(step, cfg)
             if cfg.architecture == "relu":
                 terms.append(sae.relu_losses_and_grads(x_n, coefficient))
@@ -506,8 +517,8 @@ class Trainer:
             self._average_over_processes()
         for sae in self.saes:
             sae.remove_parallel_decoder_grad()
-        for group, cfg in zip(self.optimizer.param_groups, self.cfgs):
-            group["lr"] = lr_at(step, cfg)
+        for group, run in zip(self.optimizer.param_groups, self.runs):
+            group["lr"] = lr_at(step, run.cfg)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         for sae in self.saes:
@@ -525,12 +536,12 @@ class Trainer:
                 buffer.copy_(self.acc.reduce(buffer, reduction="mean"))
 
     def _zero_sums(self) -> dict[str, Any]:
-        zeros = lambda: torch.zeros(len(self.saes), dtype=torch.float64, device=self.device)  # noqa: E731
+        zeros = lambda: torch.zeros(len(self.runs), dtype=torch.float64, device=self.device)  # noqa: E731
         return {"n": 0, "loss": zeros(), "mse": zeros(), "sparsity": zeros(), "l0": zeros(), "var": zeros()}
 
     @torch.no_grad()
     def _accumulate(self, sums, x, terms) -> None:
-        x_n = x * self.saes[0].cfg.norm_scale
+        x_n = x * self.runs[0].sae.cfg.norm_scale
         var = (x_n - x_n.mean(0)).pow(2).sum(-1).mean()
         sums["n"] += 1
         for i, t in enumerate(terms):
@@ -549,7 +560,8 @@ class Trainer:
         values = values.cpu().tolist()
         step = self.progress.step
         rows = []
-        for i, (name, cfg) in enumerate(zip(self.names, self.cfgs)):
+        for i, run in enumerate(self.runs):
+            name, cfg = run.name, run.cfg
             loss, mse, sparsity, l0, var = (v[i] for v in values)
             best = self.progress.best_loss[i]
             if not math.isfinite(loss) or loss > cfg.max_loss_ratio * best:
@@ -559,7 +571,7 @@ class Trainer:
                     f"Lower sae.lr or raise sae.lr_warmup_fraction."
                 )
             self.progress.best_loss[i] = min(best, loss)
-            dead_fraction = (self.since_fired[i] >= cfg.dead_window).float().mean().item()
+            dead_fraction = (run.since_fired >= cfg.dead_window).float().mean().item()
             rows.append(
                 {
                     "sae": name,
@@ -573,10 +585,10 @@ class Trainer:
                     "l0": l0,
                     "explained_variance": 1.0 - mse / var if var > 0 else float("nan"),
                     "dead_fraction": dead_fraction,
-                    "fired_fraction_interval": self.fired_interval[i].float().mean().item(),
+                    "fired_fraction_interval": run.fired_interval.float().mean().item(),
                 }
             )
-            self.fired_interval[i].zero_()
+            run.fired_interval.zero_()
         return rows
 
     # --- outputs ----------------------------------------------------------------------------------
@@ -587,10 +599,10 @@ class Trainer:
         if not self.acc.is_main_process:
             return
         rows = read_log_rows(self.log_path) if self.log_path.exists() else []
-        for name, sae in zip(self.names, self.saes):
-            directory = Path(out_dirs[name])
-            sae.save(directory)
-            write_text(directory / LOG_FILE, "".join(json.dumps(r) + "\n" for r in rows if r["sae"] == name))
+        for run in self.runs:
+            directory = Path(out_dirs[run.name])
+            run.sae.save(directory)
+            write_text(directory / LOG_FILE, "".join(json.dumps(r) + "\n" for r in rows if r["sae"] == run.name))
         shutil.rmtree(self.resume_dir, ignore_errors=True)
 
 
