@@ -182,3 +182,21 @@ def test_settings_are_built_from_the_validated_section_alone(cls):
 def test_a_bad_concept_regex_is_refused_at_planning():
     with pytest.raises(ConfigError, match=r"features\.concepts.*'broken'.*invalid regular expression"):
         validate_config({"features": {"concepts": [{"name": "broken", "pattern": "("}]}})
+
+
+def test_no_function_below_the_scripts_takes_the_whole_config():
+    """Stages take their typed settings, the model section, paths and the hook; only monoscope.config reads
+    the whole config (validation and the names the Snakefile derives from it), and scripts never hand it down."""
+    import ast
+
+    package = SCHEMA_PATH.parents[2] / "src" / "monoscope"
+    takers = []
+    for path in package.rglob("*.py"):
+        if path.name == "config.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and "config" in [a.arg for a in node.args.args + node.args.kwonlyargs]:
+                takers.append(f"{path.relative_to(package)}:{node.lineno} {node.name}")
+    assert takers == []
+    scripts = SCHEMA_PATH.parents[1] / "scripts"
+    assert [p.name for p in scripts.glob("*.py") if "snakemake.config" in p.read_text()] == []

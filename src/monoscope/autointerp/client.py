@@ -228,13 +228,11 @@ def _library_loggers() -> list[logging.Logger]:
 class LLMClient:
     """Async chat/completions calls with cache, concurrency limit, retries, budget and usage.
 
-    Use as ``async with LLMClient(config, cache_path) as client: await client.chat(messages, ...)``.
+    Use as ``async with LLMClient(client_config, cache_path) as client: await client.chat(messages, ...)``.
     """
 
-    def __init__(self, config: ClientConfig, cache_path: str | Path, *, rng_seed: int = 0):
-        if config.concurrency < 1:
-            raise ValueError(f"autointerp.concurrency must be >= 1, got {config.concurrency}")
-        self.config = config
+    def __init__(self, client_config: ClientConfig, cache_path: str | Path, *, rng_seed: int = 0):
+        config = self.config = client_config
         self.cache = ResponseCache(cache_path)
         self.usage = Usage()
         self._semaphore = asyncio.Semaphore(config.concurrency)
