@@ -19,55 +19,40 @@ benchmarks: rename an output here and every reader follows.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
 @dataclass(frozen=True)
 class Layout:
     root: Path
+    # Fixed places, derived from root.
+    corpus: Path = field(init=False)
+    tokenizer_dir: Path = field(init=False)
+    tokenizer: Path = field(init=False)  # the file that stands for the tokenizer's folder in the DAG
+    model_dir: Path = field(init=False)
+    model_spec: Path = field(init=False)
+    model_weights: Path = field(init=False)  # the native model's
+    sae_root: Path = field(init=False)
+    report_dir: Path = field(init=False)
+    browser_dir: Path = field(init=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "root", Path(self.root))
+        root = Path(self.root)
+        places = {"root": root, "corpus": root / "corpus", "tokenizer_dir": root / "tokenizer",
+                  "tokenizer": root / "tokenizer" / "tokenizer_config.json", "model_dir": root / "model",
+                  "model_spec": root / "model" / "model.json", "model_weights": root / "model" / "model.safetensors",
+                  "sae_root": root / "sae", "report_dir": root / "report", "browser_dir": root / "report" / "browser"}
+        for name, path in places.items():
+            object.__setattr__(self, name, path)
 
-    # --- text, tokens, model ----------------------------------------------------------------------
-
-    @property
-    def corpus(self) -> Path:
-        return self.root / "corpus"
-
-    @property
-    def tokenizer_dir(self) -> Path:
-        return self.root / "tokenizer"
-
-    @property
-    def tokenizer(self) -> Path:
-        """The file that stands for the tokenizer's folder in the DAG."""
-        return self.tokenizer_dir / "tokenizer_config.json"
+    # --- per shard and per dictionary ---------------------------------------------------------------
 
     def token_shard(self, shard: str) -> Path:
         return self.root / "tokens" / f"{shard}.zarr"
 
-    @property
-    def model_dir(self) -> Path:
-        return self.root / "model"
-
-    @property
-    def model_spec(self) -> Path:
-        return self.model_dir / "model.json"
-
-    @property
-    def model_weights(self) -> Path:
-        return self.model_dir / "model.safetensors"
-
     def activation_store(self, shard: str) -> Path:
         return self.root / "activations" / f"{shard}.zarr"
-
-    # --- per dictionary ---------------------------------------------------------------------------
-
-    @property
-    def sae_root(self) -> Path:
-        return self.root / "sae"
 
     def sae_dir(self, name: str) -> Path:
         return self.sae_root / name
@@ -113,14 +98,6 @@ class Layout:
         return {"comparison": top / "comparison.json", "plot": top / "comparison.png",
                 "sheet": top / "ratings" / "rating_sheet.csv", "form": top / "ratings" / "rating_sheet.html",
                 "key": top / "ratings_key.csv"}  # the key lies outside ratings/, the folder handed to raters
-
-    @property
-    def report_dir(self) -> Path:
-        return self.root / "report"
-
-    @property
-    def browser_dir(self) -> Path:
-        return self.report_dir / "browser"
 
     def log(self, job: str) -> Path:
         return self.root / "logs" / f"{job}.log"
