@@ -406,3 +406,11 @@ def test_two_gloo_processes_match_one_process(tmp_path, stores):
     resampled = lambda root: [r for r in map(json.loads, (root / "a" / "train_log.jsonl").read_text().splitlines()) if "event" in r]  # noqa: E731
     assert resampled(tmp_path / "one") == resampled(tmp_path / "two")
     assert resampled(tmp_path / "one")[0]["resampled"] > 0
+
+
+def test_resampling_memory_is_bounded_once_the_width_is_known(tmp_path):
+    """A pretrained model's width is unknown at planning; the trainer refuses before it draws a batch."""
+    with pytest.raises(ValueError, match=r"'sae.resample_inputs': 1000000000 inputs of width 16 hold 119 GiB"):
+        Trainer({"a": run_cfg(resample_inputs=10**9)}, D, list_source(synthetic_acts(64), 64), tmp_path / "resume", show_progress=False)
+    Trainer({"a": run_cfg(resample_inputs=10**9, resample_steps=[])}, D, list_source(synthetic_acts(64), 64), tmp_path / "r2",
+            show_progress=False)  # never resamples: nothing is held

@@ -229,14 +229,20 @@ def _memory_problems(config: dict[str, Any]):
             f"config key 'autointerp.n_units': {pools} units x {per_unit} record slots (n_top + n_random + "
             f"quantile_pool) x {context} tokens hold {pool_bytes / gib:.0f} GiB, over the {MAX_BUFFER_GIB} GiB bound"
         )
-    if config["model"]["source"] == "native":
-        d_in = config["model"]["native"]["d_mlp"]
-        resample_bytes = config["sae"]["resample_inputs"] * d_in * 4 * 2  # inputs and their losses' reconstructions
-        if resample_bytes > MAX_BUFFER_GIB * gib:
-            yield (
-                f"config key 'sae.resample_inputs': {config['sae']['resample_inputs']} inputs of width {d_in} hold "
-                f"{resample_bytes / gib:.0f} GiB during resampling, over the {MAX_BUFFER_GIB} GiB bound"
-            )
+    if config["model"]["source"] == "native":  # a pretrained model's width is known once it loads: the trainer checks
+        problem = resample_memory_problem(config["sae"]["resample_inputs"], config["model"]["native"]["d_mlp"])
+        if problem:
+            yield problem
+
+
+def resample_memory_problem(resample_inputs: int, d_in: int) -> str | None:
+    """Resampling holds resample_inputs inputs of width d_in and their reconstructions at once: over the bound, say so."""
+    gib = 2**30
+    resample_bytes = resample_inputs * d_in * 4 * 2
+    if resample_bytes <= MAX_BUFFER_GIB * gib:
+        return None
+    return (f"config key 'sae.resample_inputs': {resample_inputs} inputs of width {d_in} hold "
+            f"{resample_bytes / gib:.0f} GiB during resampling, over the {MAX_BUFFER_GIB} GiB bound")
 
 
 def hook_name(config: dict[str, Any]) -> str:

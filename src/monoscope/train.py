@@ -37,6 +37,7 @@ import torch
 from tqdm import tqdm
 
 from monoscope.atomic import atomic_path, write_text
+from monoscope.config import resample_memory_problem
 from monoscope.sae import SAE, SAEConfig
 
 log = logging.getLogger(__name__)
@@ -263,6 +264,10 @@ class Trainer:
             if len(values) > 1:
                 raise ValueError(f"SAEs trained in one job must share sae.{key}; got {sorted(values)}")
         self.cfg0 = next(iter(cfgs.values()))
+        for cfg in cfgs.values():  # the width is known here, for a pretrained model first
+            problem = resample_memory_problem(cfg.resample_inputs, d_in) if cfg.resample_steps else None
+            if problem:
+                raise ValueError(problem)
         self.d_in = d_in
         self.batches = batches
         self.resume_dir = Path(resume_dir)
