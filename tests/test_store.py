@@ -143,7 +143,7 @@ def test_writer_chunk_files_are_the_bytes_zarr_writes(tmp_path, codec):
         for start in range(0, len(acts), 40):  # appends that straddle chunk boundaries
             writer.append(acts[start : start + 40])
     zarrs = zarr.create_array(tmp_path / "zarr.zarr", shape=acts.shape, chunks=(64, 12), dtype="float16",
-                              compressors=[codec.codec(2)], config={"write_empty_chunks": True})  # fmt: skip
+                              compressors=codec.compressors(2), config={"write_empty_chunks": True})  # fmt: skip
     zarrs[:] = acts.astype(np.float16)
     ours_files = {f.relative_to(ours / "acts"): f.read_bytes() for f in (ours / "acts" / "c").rglob("*") if f.is_file()}
     zarr_files = {f.relative_to(tmp_path / "zarr.zarr"): f.read_bytes() for f in (tmp_path / "zarr.zarr" / "c").rglob("*") if f.is_file()}
