@@ -18,10 +18,13 @@ buffers, in the store's dtype (Blosc chunk files are read into a per-thread buff
 their crc32c and decompressed without Zarr's per-call machinery when the array is plain bytes +
 Blosc [+ crc32c] on local disk: store.ChunkFiles). NaN/inf: the writer lists the chunks that hold
 any, and the checksum makes a chunk read the bytes it checked, so only stores without checksums
-(format 1) are scanned, on the raw bits. Nothing is permuted in place: a batch gathers each
-stream's next rows through the block's shuffled indices, and is converted to the requested dtype once, in that gather (float32 for the
-trainer; `dtype=None` keeps the store's float16 so the conversion happens on the training device).
-Blosc decompresses with the GIL released, so `threads` workers decode on as many cores.
+(format 1) are scanned, on the raw bits. Nothing is permuted in place: every stream's two buffers
+are slices of one pool, a block's shuffled order is kept as pool rows, and a batch is one gather
+through every stream's next pool rows, converted to the requested dtype once (float32 for the
+trainer; `dtype=None` keeps the store's float16 so the conversion happens on the training device):
+a handful of torch calls per batch, whatever the number of streams. Blosc decompresses with the
+GIL released, so `threads` workers decode on as many cores. What is left is memory-bound: the
+gather reads rows at random from blocks far larger than the caches.
 
 Memory: per stream the block being consumed plus the one prefetched, in the store's dtype: about
 2 · buffer_tokens · d values in all (a block holds at least one chunk), plus one chunk of slack per
@@ -160,62 +163,106 @@ class ActivationLoader:
                 f"holds NaN or inf in {bad} rows; re-harvest this shard"
             )
 
-    def _read_block(self, stream: int, block: int, chunks: list[_Chunk], buffer: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """(the block's rows in store order [n, d], the order to take them in [n])."""
+    def _read_block(self, stream: int, block: int, chunks: list[_Chunk], buffer: np.ndarray, base: int) -> torch.Tensor:
+        """Decode the block's chunks into `buffer` (rows base, base + 1, ... of the loader's pool);
+        return the pool rows to take, in the block's shuffled order [n]."""
         n = 0
         for chunk in chunks:
             self._read_chunk(chunk, buffer[n:])
             n += chunk.stop - chunk.start
         order = np.random.default_rng([self.seed, stream, block]).permutation(n)
-        return torch.from_numpy(buffer[:n]), torch.from_numpy(order)
+        order += base
+        return torch.from_numpy(order)
 
-    def _new_buffer(self) -> np.ndarray:
-        return np.empty(((self.chunks_per_block + 1) * self.max_chunk, self.d), self.store_dtype)
+    def batches(self, start: int = 0) -> Iterator[torch.Tensor]:
+        """This process's share of global batches start, start+1, ...: [local_batch_size, d] of `dtype`.
 
-    def _stream_rows(self, stream: int, start_token: int, pool: ThreadPoolExecutor) -> Iterator[None]:
-        """Stream `stream` from its token `start_token`: each send(out) fills out [sub_batch, d] with its next rows."""
-        blocks = self._stream_blocks(stream)
+        Every buffer of every stream is a slice of one pool, so a batch is one gather through the
+        streams' shuffled pool rows (and one dtype conversion): a few torch calls per batch, not a few
+        per stream. A block's buffer takes the block after next only once the rows taken from it are
+        gathered."""
+        rows_per_buffer = (self.chunks_per_block + 1) * self.max_chunk
+        pool_rows = np.empty((2 * len(self.my_streams) * rows_per_buffer, self.d), self.store_dtype)
+        pool = torch.from_numpy(pool_rows)
+        convert = pool.dtype != self.dtype
+        scratch = torch.empty((self.local_batch_size, self.d), dtype=pool.dtype) if convert else None
+
+        def gather(pieces: list[torch.Tensor], batch: torch.Tensor, first: int) -> int:
+            """batch[first : first + the pieces' rows] = pool[the pieces]; the next row to fill."""
+            if not pieces:
+                return first
+            where = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+            stop = first + len(where)
+            if convert:  # gather, then convert once: a contiguous dtype copy is far cheaper than a converting gather
+                batch[first:stop].copy_(torch.index_select(pool, 0, where, out=scratch[: len(where)]))
+            else:
+                torch.index_select(pool, 0, where, out=batch[first:stop])
+            return stop
+
+        with ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="loader") as executor:
+            streams = [
+                _Stream(self, stream, start * self.sub_batch, executor, pool_rows, 2 * slot * rows_per_buffer, rows_per_buffer)
+                for slot, stream in enumerate(self.my_streams)
+            ]  # every stream's first read is queued before any stream waits for its own
+            for stream in streams:
+                stream.begin()
+            while True:
+                batch = torch.empty((self.local_batch_size, self.d), dtype=self.dtype, pin_memory=self.pin_memory)
+                pieces, gathered = [], 0
+                for stream in streams:
+                    need = self.sub_batch
+                    while need:
+                        piece = stream.take(need)
+                        pieces.append(piece)
+                        need -= len(piece)
+                        if stream.spent:  # gather what its buffer holds before the buffer takes another block
+                            gathered = gather(pieces, batch, gathered)
+                            pieces = []
+                            stream.advance()
+                gather(pieces, batch, gathered)
+                yield batch
+
+
+class _Stream:
+    """One stream's reading state: the block being consumed (its shuffled pool rows, how many are
+    taken) in buffer `current`, and the next one, being decoded into the other buffer."""
+
+    __slots__ = ("loader", "stream", "executor", "buffers", "bases", "blocks", "current", "rows", "size", "position", "spent", "pending")
+
+    def __init__(self, loader: ActivationLoader, stream: int, start_token: int, executor: ThreadPoolExecutor,
+                 pool_rows: np.ndarray, base: int, rows_per_buffer: int):  # fmt: skip
+        self.loader, self.stream, self.executor = loader, stream, executor
+        self.bases = (base, base + rows_per_buffer)
+        self.buffers = tuple(pool_rows[b : b + rows_per_buffer] for b in self.bases)
+        self.blocks = loader._stream_blocks(stream)
         skipped = 0
-        for block, chunks in blocks:  # skip whole blocks before start_token without reading them
+        for block, chunks in self.blocks:  # skip whole blocks before start_token without reading them
             size = sum(c.stop - c.start for c in chunks)
             if skipped + size > start_token:
                 break
             skipped += size
-        position = start_token - skipped
-        consumed, prefetch = self._new_buffer(), self._new_buffer()
-        pending: Future = pool.submit(self._read_block, stream, block, chunks, consumed)
-        gathered = torch.empty((self.sub_batch, self.d), dtype=torch.from_numpy(consumed[:0]).dtype)
-        out = yield  # primed: every stream's first read is queued before any stream waits for its own
-        rows, order = pending.result()
-        block, chunks = next(blocks)
-        pending = pool.submit(self._read_block, stream, block, chunks, prefetch)  # prefetch while consuming
-        while True:
-            filled = 0
-            while filled < self.sub_batch:
-                take = min(self.sub_batch - filled, len(order) - position)
-                where = order[position : position + take]
-                if out.dtype == rows.dtype:
-                    torch.index_select(rows, 0, where, out=out[filled : filled + take])
-                else:  # gather, then convert once: a contiguous dtype copy is far cheaper than a converting gather
-                    out[filled : filled + take].copy_(torch.index_select(rows, 0, where, out=gathered[:take]))
-                filled += take
-                position += take
-                if position == len(order):  # this block is spent: its buffer takes the one after next
-                    rows, order = pending.result()
-                    position = 0
-                    consumed, prefetch = prefetch, consumed
-                    block, chunks = next(blocks)
-                    pending = pool.submit(self._read_block, stream, block, chunks, prefetch)
-            out = yield
+        self.position, self.spent, self.current = start_token - skipped, False, 0
+        self.pending: Future = self._submit(0, block, chunks)
 
-    def batches(self, start: int = 0) -> Iterator[torch.Tensor]:
-        """This process's share of global batches start, start+1, ...: [local_batch_size, d] of `dtype`."""
-        with ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="loader") as pool:
-            streams = [self._stream_rows(s, start * self.sub_batch, pool) for s in self.my_streams]
-            for stream in streams:
-                next(stream)
-            while True:
-                batch = torch.empty((self.local_batch_size, self.d), dtype=self.dtype, pin_memory=self.pin_memory)
-                for i, stream in enumerate(streams):
-                    stream.send(batch[i * self.sub_batch : (i + 1) * self.sub_batch])
-                yield batch
+    def _submit(self, buffer: int, block: int, chunks: list[_Chunk]) -> Future:
+        return self.executor.submit(self.loader._read_block, self.stream, block, chunks, self.buffers[buffer], self.bases[buffer])
+
+    def begin(self) -> None:
+        """Wait for the first block; prefetch the next into the other buffer."""
+        self.rows = self.pending.result()
+        self.size = len(self.rows)
+        self.pending = self._submit(1, *next(self.blocks))
+
+    def take(self, n: int) -> torch.Tensor:
+        """The pool rows of this stream's next tokens, at most n (fewer where the block ends)."""
+        start = self.position
+        self.position = stop = min(start + n, self.size)
+        self.spent = stop == self.size
+        return self.rows[start:stop]
+
+    def advance(self) -> None:
+        """The block is spent (and its rows gathered): consume the prefetched one, refill the spent buffer."""
+        self.rows = self.pending.result()
+        self.size, self.position, self.spent = len(self.rows), 0, False
+        self.pending = self._submit(self.current, *next(self.blocks))
+        self.current = 1 - self.current
