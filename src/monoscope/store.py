@@ -83,8 +83,10 @@ class CodecSpec:
 
 
 _MANTISSA_BITS = {np.dtype(np.float16): (10, np.int16), np.dtype(np.float32): (23, np.int32)}
-# A float is NaN or inf exactly when its exponent bits are all ones: (bits & magnitude) >= exponent.
-_NON_FINITE = {np.dtype(np.float16): (0x7FFF, 0x7C00), np.dtype(np.float32): (0x7FFF_FFFF, 0x7F80_0000)}
+# A float is NaN or inf exactly when its exponent bits are all ones. As signed integers the positive
+# ones are the largest (>= the exponent mask); as unsigned, the negative ones are (>= sign | mask):
+# two max reductions over the raw bits, no elementwise pass, no temporary.
+_NON_FINITE = {np.dtype(np.float16): (np.uint16, 0x7C00, 0xFC00), np.dtype(np.float32): (np.uint32, 0x7F80_0000, 0xFF80_0000)}
 _SLICE = 1 << 17  # elements per pass: the slice and its scratch stay in L2 (2 MiB here) through every pass
 
 
@@ -99,24 +101,23 @@ def _round_and_check(values: np.ndarray, keep_bits: int | None, check: bool) -> 
     # Contiguous arrays go slice by slice; any other layout in one pass over its own view.
     ints = (values.reshape(-1) if values.flags.c_contiguous else values).view(int_type)
     step = _SLICE if ints.ndim == 1 else len(ints)
-    scratch = np.empty((min(len(ints), step), *ints.shape[1:]), int_type)
+    scratch = np.empty((min(len(ints), step), *ints.shape[1:]), int_type) if rounding else None
     if rounding:
         drop = bits - keep_bits
         half, mask = (1 << (drop - 1)) - 1, int_type(~((1 << drop) - 1))
-    magnitude, exponent = _NON_FINITE[values.dtype]
+    unsigned, positive, negative = _NON_FINITE[values.dtype]
     finite = True
     for start in range(0, len(ints), step):
         x = ints[start : start + step]
-        s = scratch[: len(x)]
         if rounding:
+            s = scratch[: len(x)]
             np.right_shift(x, drop, out=s)  # the lowest kept bit decides ties: round half to even
             s &= 1
             s += half
             x += s
             x &= mask
-        if check and finite:
-            np.bitwise_and(x, magnitude, out=s)
-            finite = int(s.max(initial=0)) < exponent
+        if check and finite and len(x):
+            finite = int(x.max()) < positive and int(x.view(unsigned).max()) < negative
             if not finite and not rounding:
                 break
     return finite
