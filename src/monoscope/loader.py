@@ -28,13 +28,15 @@ gather reads rows at random from blocks far larger than the caches.
 
 Memory: per stream the block being consumed plus the one prefetched, in the store's dtype: about
 2 · buffer_tokens · d values in all (a block holds at least one chunk), plus one chunk of slack per
-buffer because Zarr stores a store's last chunk at full size.
+buffer because Zarr stores a store's last chunk at full size; and up to three batches' memory,
+reused once the consumer lets go of them (a fresh batch faults in every one of its pages).
 """
 
 from __future__ import annotations
 
 import itertools
 import os
+import sys
 import warnings
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -199,6 +201,9 @@ class ActivationLoader:
                 torch.index_select(pool, 0, where, out=batch[first:stop])
             return stop
 
+        shape = (self.local_batch_size, self.d)
+        recycled = None if self.pin_memory else _BatchBuffers.for_dtype(shape, self.dtype)
+
         with ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="loader") as executor:
             streams = [
                 _Stream(self, stream, start * self.sub_batch, executor, pool_rows, 2 * slot * rows_per_buffer, rows_per_buffer)
@@ -207,7 +212,10 @@ class ActivationLoader:
             for stream in streams:
                 stream.begin()
             while True:
-                batch = torch.empty((self.local_batch_size, self.d), dtype=self.dtype, pin_memory=self.pin_memory)
+                batch = None  # this frame lets go of the last batch before the next one is sought
+                # Pinned batches come from CUDA's caching host allocator; the others from buffers the
+                # consumer has let go of (a fresh allocation of a batch faults in every page: ~3 ms).
+                batch = recycled.take() if recycled else torch.empty(shape, dtype=self.dtype, pin_memory=self.pin_memory)
                 pieces, gathered = [], 0
                 for stream in streams:
                     need = self.sub_batch
@@ -221,6 +229,37 @@ class ActivationLoader:
                             stream.advance()
                 gather(pieces, batch, gathered)
                 yield batch
+
+
+class _BatchBuffers:
+    """Batch memory reused once the consumer holds no tensor (nor view) of it any more.
+
+    A batch of a few MB is above glibc's mmap threshold, or soon falls above it again: each fresh
+    one is mapped anew and faults in every page (a 4096 x 512 float32 batch: ~2,000 faults, ~3 ms,
+    more than gathering it). Batches are torch views of numpy arrays kept here; a tensor or view of
+    one keeps a reference to its array, so an array whose only reference is this list is free. At
+    most the `keep` latest are kept (a batch the consumer holds on to is simply forgotten here)."""
+
+    def __init__(self, shape: tuple[int, int], dtype: np.dtype, keep: int = 3):
+        self.shape, self.dtype, self.keep = shape, dtype, keep
+        self.arrays: list[np.ndarray] = []
+
+    @classmethod
+    def for_dtype(cls, shape: tuple[int, int], dtype: torch.dtype) -> _BatchBuffers | None:
+        try:
+            return cls(shape, torch.empty(0, dtype=dtype).numpy().dtype)
+        except TypeError:  # no numpy dtype (bfloat16): fresh torch batches
+            return None
+
+    def take(self) -> torch.Tensor:
+        for i in range(len(self.arrays)):
+            if sys.getrefcount(self.arrays[i]) == 2:  # this list's reference and the argument's
+                return torch.from_numpy(self.arrays[i])
+        array = np.empty(self.shape, self.dtype)
+        self.arrays.append(array)
+        if len(self.arrays) > self.keep:
+            del self.arrays[0]  # held by the consumer: it lives on there, and is freed there
+        return torch.from_numpy(array)
 
 
 class _Stream:
