@@ -7,34 +7,45 @@
    mantissa already rounded), one thread each: bytes as % of raw float32, encode and decode MB/s of
    float16 data (medians of --repeats). The default is the one that keeps the writer and the loader
    fastest within the byte budget (<= 41 % of float32); zstd-3 is the choice for users short of disk.
-2. Decode roofline: single-thread Blosc decode MB/s (per CPU-second) of the stores' own chunk files, in memory.
+2. Decode roofline: single-thread Blosc decode MB/s (per CPU-second) of the stores' own chunk files,
+   in memory; next to it the crc32c that format-2 stores add to every chunk (MB/s of float16 rows
+   it covers, per CPU-second) and the Blosc decode plus that crc32c.
 3. Loader: ActivationLoader.batches() tokens/s and MB/s with --threads decoding threads, warm page
-   cache and cold (a copy evicted from the page cache), float32 batches and store-dtype batches;
-   target: MB/s >= 0.6 x roofline x threads.
-4. Writer alone (no forward pass): float32 rows cast to float16 by torch, rounded, encoded and
-   written by ActivationStoreWriter with 1 worker; MB/s of float16 per CPU-second (process time)
-   and bytes; target >= 500 MB/s per core at <= 41 % of float32 bytes.
+   cache and cold (evicted from the page cache), float32 batches and store-dtype batches, on
+   format-2 copies of the stores (stores without checksums are copied with the same Blosc frames,
+   each followed by its crc32c, as the writer now writes them); target: MB/s >= 0.6 x roofline x
+   threads. Also MB per CPU-second of the process against the decode's: the efficiency that does
+   not depend on how much of the shared machine the run got.
+4. Writer alone (no forward pass): float32 rows cast to float16 by torch, rounded, checked,
+   encoded, checksummed and written by ActivationStoreWriter with 1 worker; MB/s of float16 per
+   CPU-second (process time; median of --repeats after one warm-up store) and bytes; target >= 500
+   MB/s per core at <= 41 % of float32 bytes.
 Without --stores it writes a synthetic float16 store (GELU of Gaussians, d 512) to a temporary directory.
+Every section prints the load average it ran at (the development machine is shared).
 The harvest overhead (store on top of the bare forward pass) is benchmarks/bench_pipeline.py's.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import shutil
 import statistics
 import sys
 import tempfile
-import threading
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import google_crc32c
 import numpy as np
 import torch
+import zarr
 
 from monoscope.loader import ActivationLoader
-from monoscope.store import CodecSpec, ActivationStoreWriter, chunk_tokens_for, open_activations, write_activation_store
+from monoscope.store import ActivationStoreWriter, ChunkFiles, CodecSpec, all_finite, chunk_tokens_for, open_activations, write_activation_store
 
 CANDIDATES = [
     CodecSpec("zstd", 3, "bitshuffle", 8),
@@ -72,6 +83,10 @@ def median_seconds(fn, repeats: int) -> float:
     return statistics.median(one_thread(timed) for _ in range(repeats))
 
 
+def load() -> str:
+    return "load average " + " ".join(open("/proc/loadavg").read().split()[:3])
+
+
 def chunk_files(path: Path) -> list[Path]:
     return sorted(f for f in (path / "acts" / "c").rglob("*") if f.is_file())
 
@@ -80,7 +95,7 @@ def codecs_table(chunks: list[np.ndarray], repeats: int) -> None:
     from numcodecs import blosc
 
     megabytes = sum(c.nbytes for c in chunks) / 1e6
-    print(f"[codec] {len(chunks)} chunks, {megabytes:.0f} MB of float16, 1 thread, median of {repeats}")
+    print(f"[codec] {len(chunks)} chunks, {megabytes:.0f} MB of float16, 1 thread, median of {repeats}; {load()}")
     print(f"[codec] {'codec':28}{'% of fp32':>10}{'encode MB/s':>13}{'decode MB/s':>13}")
     for codec in CANDIDATES:
         encoded = one_thread(lambda: [codec.encode(c) for c in chunks])
@@ -105,6 +120,39 @@ def decode_roofline(paths: list[Path], repeats: int, max_files: int = 48) -> flo
     return len(files) * out.nbytes / 1e6 / seconds
 
 
+def crc_rate(paths: list[Path], repeats: int, max_files: int = 48) -> float:
+    """Single-thread MB/s (of the float16 rows they hold, per CPU-second) of crc32c over the chunk files."""
+    encoded = [f.read_bytes() for p in paths for f in chunk_files(p)][:max_files]
+    store = open_activations(paths[0])
+    seconds = median_seconds(lambda: [google_crc32c.value(e) for e in encoded], repeats)
+    return len(encoded) * store.chunk_tokens * store.d * store.acts.dtype.itemsize / 1e6 / seconds
+
+
+def checksummed_copy(path: Path, dest: Path) -> Path:
+    """A format-2 copy of a store: each chunk file is the same Blosc frame followed by its crc32c,
+    the array's codecs end in crc32c, and the attrs list the chunks holding NaN/inf."""
+    shutil.copytree(path, dest)
+    store = open_activations(dest)
+    if store.checksummed:
+        return dest
+    files = ChunkFiles.of(store)
+    out = np.empty((store.chunk_tokens, store.d), store.acts.dtype)
+    nonfinite = []
+    for index in range(-(-store.n_tokens // store.chunk_tokens)):
+        files.decode(index, out)
+        if not all_finite(out):
+            nonfinite.append(index)
+        file = files.path(index)
+        frame = file.read_bytes()
+        file.write_bytes(frame + google_crc32c.value(frame).to_bytes(4, "little"))
+    meta = json.loads((dest / "acts" / "zarr.json").read_text())
+    meta["codecs"].append({"name": "crc32c"})
+    (dest / "acts" / "zarr.json").write_text(json.dumps(meta))
+    zarr.open_group(dest, mode="r+").attrs.update({"format_version": 2, "nonfinite_chunks": nonfinite})
+    assert open_activations(dest).checksummed
+    return dest
+
+
 def parallel_decode_rate(paths: list[Path], threads: int, max_files: int = 48) -> float:
     """Wall MB/s of `threads` threads decompressing the in-memory chunk files at once: what the cores
     really give together on this machine, next to the single-thread rate times the cores."""
@@ -121,8 +169,6 @@ def parallel_decode_rate(paths: list[Path], threads: int, max_files: int = 48) -
 
 
 def evict_from_page_cache(path: Path) -> None:
-    import os
-
     for file in path.rglob("*"):
         if file.is_file():
             fd = os.open(file, os.O_RDONLY)
@@ -147,21 +193,27 @@ def loader_rate(paths: list[Path], batch: int, tokens: int, threads: int, dtype)
     return n * batch / wall, n * batch / cpu
 
 
-def writer_rate(rows32: torch.Tensor, codec: CodecSpec, work: Path, context: int) -> tuple[float, float, float]:
-    """(MB/s of float16 per CPU-second, wall MB/s, % of float32 bytes) for ActivationStoreWriter with 1 worker."""
+def writer_rate(rows32: torch.Tensor, codec: CodecSpec, work: Path, context: int, repeats: int) -> tuple[float, float, float]:
+    """(MB/s of float16 per CPU-second, wall MB/s, % of float32 bytes) for ActivationStoreWriter with
+    1 worker: medians of `repeats` stores, after one untimed store (the allocator's first large
+    buffers fault in their pages once per process, not once per store)."""
     d = rows32.shape[1]
     tokens = np.zeros((len(rows32) // context, context), np.int32)
-    path = work / f"writer-{codec.cname}.zarr"
     step = 8192  # a harvest batch: 64 sequences of 128
-    cpu, wall = time.process_time(), time.perf_counter()
-    with ActivationStoreWriter(path, tokens, d, "float16", chunk_tokens_for(d, "float16", context, 4), {}, codec, workers=1) as writer:
-        for start in range(0, len(rows32), step):
-            writer.append(rows32[start : start + step].to(torch.float16).numpy(), consume=True)
-    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
-    stored = sum(f.stat().st_size for f in chunk_files(path))
-    megabytes = rows32.numel() * 2 / 1e6
-    shutil.rmtree(path)
-    return megabytes / cpu, megabytes / wall, 100 * stored / (rows32.numel() * 4)
+    per_cpu, per_wall = [], []
+    for i in range(repeats + 1):
+        path = work / f"writer-{codec.cname}-{i}.zarr"
+        cpu, wall = time.process_time(), time.perf_counter()
+        with ActivationStoreWriter(path, tokens, d, "float16", chunk_tokens_for(d, "float16", context, 4), {}, codec, workers=1) as writer:
+            for start in range(0, len(rows32), step):
+                writer.append(rows32[start : start + step].to(torch.float16).numpy(), consume=True)
+        cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+        stored = sum(f.stat().st_size for f in chunk_files(path))
+        shutil.rmtree(path)
+        if i:
+            per_cpu.append(rows32.numel() * 2 / 1e6 / cpu)
+            per_wall.append(rows32.numel() * 2 / 1e6 / wall)
+    return statistics.median(per_cpu), statistics.median(per_wall), 100 * stored / (rows32.numel() * 4)
 
 
 def main() -> None:
@@ -169,9 +221,11 @@ def main() -> None:
     parser.add_argument("--stores", type=Path, nargs="*", help="activation stores; default: a synthetic one")
     parser.add_argument("--threads", type=int, default=2, help="the loader's decoding threads (cores it uses)")
     parser.add_argument("--batch", type=int, default=4096)
-    parser.add_argument("--tokens", type=int, default=400_000, help="tokens drawn per loader measurement, after the start-up")
+    parser.add_argument("--tokens", type=int, default=524_288,
+                        help="tokens drawn per loader measurement, after the start-up: a multiple of the loader's "
+                             "262,144-token buffer, so the blocks decoded while timing match the blocks consumed")  # fmt: skip
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--codec-chunks", type=int, default=16, help="chunks re-encoded per codec")
+    parser.add_argument("--codec-chunks", type=int, default=32, help="chunks re-encoded per codec (and written by the writer)")
     args = parser.parse_args()
     torch.set_num_threads(1)  # the writer's cast counts as one core's work
 
@@ -188,39 +242,47 @@ def main() -> None:
         chunks = [np.ascontiguousarray(first.acts[i * first.chunk_tokens : (i + 1) * first.chunk_tokens]) for i in range(n_chunks)]
         codecs_table(chunks, args.repeats)
 
-        for p in paths:  # warm the page cache
+        copies = work / "format2"
+        copies.mkdir()
+        loaded = [checksummed_copy(p, copies / p.name) for p in paths]  # what the loader reads: format 2
+        for p in [*paths, *loaded]:  # warm the page cache
             for f in chunk_files(p):
                 f.read_bytes()
-        cold = work / "cold"
-        cold.mkdir()
-        cold_paths = [Path(shutil.copytree(p, cold / p.name)) for p in paths]
-        # Rounds interleave the roofline with the loader, so the shared machine's load hits both alike.
-        rounds = {label: [] for label in ("float32 batches", "float16 batches")}
-        rooflines, together = [], []
-        for _ in range(args.repeats):
-            rooflines.append(decode_roofline(paths, 1))
-            together.append(parallel_decode_rate(paths, args.threads))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # format-1 stores, if the loader is pointed at them
+            # Rounds interleave the roofline with the loader, so the shared machine's load hits both alike.
+            rounds = {label: [] for label in ("float32 batches", "float16 batches")}
+            rooflines, crcs, together = [], [], []
+            for _ in range(args.repeats):
+                rooflines.append(decode_roofline(paths, 1))
+                crcs.append(crc_rate(paths, 1))
+                together.append(parallel_decode_rate(paths, args.threads))
+                for label, dtype in (("float32 batches", torch.float32), ("float16 batches", None)):
+                    rounds[label].append(loader_rate(loaded, args.batch, args.tokens, args.threads, dtype))
+            roofline, crc = statistics.median(rooflines), statistics.median(crcs)
+            print(f"[decode] the stores' own chunk files, in memory, 1 thread: {roofline:.0f} MB/s per CPU-second (median of "
+                  f"{args.repeats}; all {', '.join(f'{r:.0f}' for r in rooflines)}); loader target 0.6 x {args.threads} threads = "
+                  f"{0.6 * roofline * args.threads:.0f} MB/s; {args.threads} threads decoding at once: {statistics.median(together):.0f} MB/s wall; {load()}")  # fmt: skip
+            print(f"[decode] crc32c of the same files: {crc:.0f} MB/s of rows per CPU-second; decode + crc32c "
+                  f"{1 / (1 / roofline + 1 / crc):.0f} MB/s: the checksum costs {100 * roofline / crc:.0f} % of a decode")  # fmt: skip
             for label, dtype in (("float32 batches", torch.float32), ("float16 batches", None)):
-                rounds[label].append(loader_rate(paths, args.batch, args.tokens, args.threads, dtype))
-        roofline = statistics.median(rooflines)
-        print(f"[decode] the stores' own chunk files, in memory, 1 thread: {roofline:.0f} MB/s per CPU-second (median of "
-              f"{args.repeats}); loader target 0.6 x {args.threads} threads = {0.6 * roofline * args.threads:.0f} MB/s; "
-              f"{args.threads} threads decoding at once: {statistics.median(together):.0f} MB/s wall")  # fmt: skip
-        for label, dtype in (("float32 batches", torch.float32), ("float16 batches", None)):
-            for p in cold_paths:
-                evict_from_page_cache(p)
-            warm = (statistics.median(r[0] for r in rounds[label]), statistics.median(r[1] for r in rounds[label]))
-            for name, (rate, per_cpu) in (("warm", warm), ("cold", loader_rate(cold_paths, args.batch, args.tokens, args.threads, dtype))):
-                megabytes, cpu_megabytes = rate * bytes_per_token / 1e6, per_cpu * bytes_per_token / 1e6
-                print(f"[loader] {label}, {name} cache, {args.threads} threads: {rate:10,.0f} tokens/s = {megabytes:5.0f} MB/s "
-                      f"= {megabytes / (roofline * args.threads):.2f} of roofline x threads (target >= 0.6); "
-                      f"{cpu_megabytes:.0f} MB per CPU-second = {cpu_megabytes / roofline:.2f} of the decode's")  # fmt: skip
+                for p in loaded:
+                    evict_from_page_cache(p)
+                cold = loader_rate(loaded, args.batch, args.tokens, args.threads, dtype)
+                warm_rates = [r[0] for r in rounds[label]]
+                warm = (statistics.median(warm_rates), statistics.median(r[1] for r in rounds[label]))
+                for name, (rate, per_cpu) in (("warm", warm), ("cold", cold)):
+                    megabytes, cpu_megabytes = rate * bytes_per_token / 1e6, per_cpu * bytes_per_token / 1e6
+                    spread = f" (medians of {args.repeats}; wall {min(warm_rates) * bytes_per_token / 1e6:.0f}-{max(warm_rates) * bytes_per_token / 1e6:.0f} MB/s)" if name == "warm" else " (one run)"
+                    print(f"[loader] {label}, {name} cache, {args.threads} threads: {rate:10,.0f} tokens/s = {megabytes:5.0f} MB/s "
+                          f"= {megabytes / (roofline * args.threads):.2f} of roofline x threads (target >= 0.6); "
+                          f"{cpu_megabytes:.0f} MB per CPU-second = {cpu_megabytes / roofline:.2f} of the decode's{spread}; {load()}")  # fmt: skip
 
         rows32 = torch.from_numpy(np.concatenate(chunks).astype(np.float32))
         for codec in (CodecSpec("lz4", 5, "bitshuffle", 8), CodecSpec("zstd", 3, "bitshuffle", 8)):
-            per_core, wall, percent = writer_rate(rows32, codec, work, first.context)
+            per_core, wall, percent = writer_rate(rows32, codec, work, first.context, args.repeats)
             print(f"[writer] {codec.cname}-{codec.clevel} {codec.shuffle}, 1 worker: {per_core:.0f} MB/s of float16 per core "
-                  f"(wall {wall:.0f} MB/s) at {percent:.1f} % of float32 bytes (target >= 500 MB/s per core at <= 41 %)")  # fmt: skip
+                  f"(wall {wall:.0f} MB/s; medians of {args.repeats}) at {percent:.1f} % of float32 bytes (target >= 500 MB/s per core at <= 41 %); {load()}")  # fmt: skip
 
 
 if __name__ == "__main__":

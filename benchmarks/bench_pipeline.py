@@ -3,7 +3,9 @@
     .venv/bin/python benchmarks/bench_pipeline.py [--results results] [--shard train_000] [--seqs 512]
 
 1. Store overhead: the bare forward pass to the hook versus the same pass writing an activation
-   store (target: writing adds <= 10 %), and the store's bytes against raw float32 (target <= 40 %).
+   store (targets: writing adds <= 10 % in issue 2, <= 25 % in issue 20), and the store's bytes
+   against raw float32 (target <= 40 %). --repeats interleaved rounds; medians (and minima) of wall
+   and CPU time, with the load average (the development machine is shared).
 2. The 8x SAE of the default run: reconstruction score >= 0.85, mean L0 <= 15, dead <= 10 %
    (read from results/eval after `snakemake --profile profiles/default`).
 3. The default run's job times from results/benchmarks (target: the whole run <= 15 minutes).
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -29,7 +32,7 @@ from monoscope.pretrained import run_to_hook
 REPO = Path(__file__).resolve().parents[1]
 
 
-def store_overhead(config, results: Path, shard: str, n_seqs: int, repeats: int = 3) -> None:
+def store_overhead(config, results: Path, shard: str, n_seqs: int, repeats: int = 5) -> None:
     """The harvest job's own code (harvest_shard) against its forward passes alone."""
     harvest = config["harvest"]
     token_shard = results / "tokens" / f"{shard}.zarr"
@@ -56,14 +59,16 @@ def store_overhead(config, results: Path, shard: str, n_seqs: int, repeats: int 
             harvest_shard(settings, bridge, "bench", hook, token_shard, Path(tmp) / f"s{i}.zarr", log=lambda _: None)
             write_s.append(time.perf_counter() - t)
             write_cpu.append(time.process_time() - c)
+        load = "load average " + " ".join(open("/proc/loadavg").read().split()[:3])
         written = store.open_activations(Path(tmp) / "s0.zarr")
         d, codec = written.d, written.attrs["codec"]
         stored = sum(f.stat().st_size for f in (Path(tmp) / "s0.zarr" / "acts").rglob("*") if f.is_file())
     raw32 = tokens.size * d * 4
-    b, w = min(bare_s), min(write_s)
-    print(f"[store] {tokens.size:,} tokens x {d}: bare forward {tokens.size / b:,.0f} tok/s, "
-          f"forward + store {tokens.size / w:,.0f} tok/s -> store adds {100 * (w - b) / b:.1f} % (target <= 10 %)")
-    b, w = sorted(bare_cpu)[repeats // 2], sorted(write_cpu)[repeats // 2]
+    b, w = statistics.median(bare_s), statistics.median(write_s)
+    print(f"[store] {tokens.size:,} tokens x {d}, medians of {repeats}: bare forward {tokens.size / b:,.0f} tok/s, "
+          f"forward + store {tokens.size / w:,.0f} tok/s -> store adds {100 * (w - b) / b:.1f} % "
+          f"(minima: {100 * (min(write_s) - min(bare_s)) / min(bare_s):.1f} %; targets <= 10 % issue 2, <= 25 % issue 20); {load}")
+    b, w = statistics.median(bare_cpu), statistics.median(write_cpu)
     print(f"[store] in CPU time (median; steadier than wall time on a loaded machine): bare forward {b:.2f} s, "
           f"forward + store {w:.2f} s -> store adds {100 * (w - b) / b:.1f} %")
     print(f"[store] {stored / 2**20:.1f} MiB = {100 * stored / raw32:.1f} % of raw float32 (target <= 40 %), codec {codec}")
@@ -100,10 +105,11 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=REPO / "config" / "config.yaml")
     parser.add_argument("--shard", default="train_000")
     parser.add_argument("--seqs", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved bare / store rounds")
     args = parser.parse_args()
     torch.set_num_threads(2)
     config = validate_config(yaml.safe_load(args.config.read_text()))
-    store_overhead(config, args.results, args.shard, args.seqs)
+    store_overhead(config, args.results, args.shard, args.seqs, args.repeats)
     sae_targets(args.results)
     job_times(args.results)
 

@@ -175,3 +175,37 @@ def test_zarr_path_for_other_codecs_gives_the_same_batches(tmp_path):
     assert all(f is not None for f in direct._chunk_files), "plain Blosc stores on disk are read directly"
     through_zarr._chunk_files = [None] * len(paths)  # what a store with another codec or storage gets
     assert all(torch.equal(a, b) for a, b in zip(take(direct.batches(), 30), take(through_zarr.batches(), 30)))
+
+
+def test_batch_memory_is_reused_only_once_nothing_holds_it(stores):
+    loader = ActivationLoader(stores, batch_size=32, buffer_tokens=256, streams=4, seed=0)
+    expected = take(loader.batches(), 40)
+    batches = loader.batches()
+    kept = next(batches)[3:7]  # a view outlives its batch
+    kept_copy = kept.clone()
+    held = [next(batches) for _ in range(5)]  # batches the consumer still holds
+    pointers = set()
+    for i in range(6, 40):
+        batch = next(batches)  # the one before is dropped here: its memory may come back
+        assert torch.equal(batch, expected[i])
+        pointers.add(batch.data_ptr())
+    assert torch.equal(kept, kept_copy) and torch.equal(kept, expected[0][3:7])
+    assert all(torch.equal(h, e) for h, e in zip(held, expected[1:6]))
+    assert len(pointers) <= 3, "a consumer that drops each batch gets the same few buffers back"
+
+
+def test_batch_buffers_come_back_only_when_no_tensor_or_view_holds_them():
+    from monoscope.loader import _BatchBuffers
+
+    buffers = _BatchBuffers((4, 3), np.float32, keep=2)
+    a, b = buffers.take(), buffers.take()
+    b_memory = b.data_ptr()
+    del b
+    again = buffers.take()
+    assert again.data_ptr() == b_memory  # nothing held it: reused
+    view, a_memory = a[1:], a.data_ptr()
+    del a
+    fresh = buffers.take()  # a's memory is still seen through the view
+    assert fresh.data_ptr() not in (a_memory, b_memory) and len(buffers.arrays) == 2
+    view.fill_(7.0)
+    assert not torch.any(fresh == 7.0) and not torch.any(again == 7.0)

@@ -143,7 +143,7 @@ def test_writer_chunk_files_are_the_bytes_zarr_writes(tmp_path, codec):
         for start in range(0, len(acts), 40):  # appends that straddle chunk boundaries
             writer.append(acts[start : start + 40])
     zarrs = zarr.create_array(tmp_path / "zarr.zarr", shape=acts.shape, chunks=(64, 12), dtype="float16",
-                              compressors=[codec.codec(2)], config={"write_empty_chunks": True})  # fmt: skip
+                              compressors=codec.compressors(2), config={"write_empty_chunks": True})  # fmt: skip
     zarrs[:] = acts.astype(np.float16)
     ours_files = {f.relative_to(ours / "acts"): f.read_bytes() for f in (ours / "acts" / "c").rglob("*") if f.is_file()}
     zarr_files = {f.relative_to(tmp_path / "zarr.zarr"): f.read_bytes() for f in (tmp_path / "zarr.zarr" / "c").rglob("*") if f.is_file()}
@@ -158,3 +158,17 @@ def test_failed_chunk_encoding_is_raised_in_the_caller(tmp_path, monkeypatch):
         with store.ActivationStoreWriter(tmp_path / "s.zarr", tokens, 4, "float16", 16, {}, workers=2) as writer:
             writer.append(acts)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_finiteness_check_on_raw_bits_agrees_with_isfinite_on_every_float16_and_sampled_float32():
+    every = np.arange(2**16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    assert [store.all_finite(every[i : i + 1]) for i in range(2**16)] == np.isfinite(every).tolist()
+    bits = np.random.default_rng(0).integers(0, 2**32, 1_000_000, dtype=np.uint64).astype(np.uint32)
+    for rows in bits.view(np.float32).reshape(-1, 500):
+        assert store.all_finite(rows) == bool(np.isfinite(rows).all())
+    big = np.ones((4096, 300), np.float16)  # several slices; a non-contiguous view takes the other path
+    for bad in (np.nan, np.inf, -np.inf):
+        spoiled = big.copy()
+        spoiled[4000, 297] = bad  # in every third column, not in the even ones
+        assert not store.all_finite(spoiled) and not store.all_finite(spoiled[:, ::3]) and store.all_finite(spoiled[:, :299:2])
+        assert not store._round_and_check(spoiled, 8, check=True)
