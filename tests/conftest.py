@@ -76,6 +76,14 @@ def tiny_feature_settings(**overrides):
     return default_settings(FeatureSettings, **(small | overrides))
 
 
+def record_settings(**overrides):
+    """Autointerp settings from the schema's defaults and `overrides` (collect_records reads the record keys)."""
+    from monoscope.autointerp.pipeline import AutointerpSettings
+    from monoscope.config import default_settings
+
+    return default_settings(AutointerpSettings, **overrides)
+
+
 def python_sources(n_files: int = 12) -> list[str]:
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     return [p.read_text(encoding="utf-8") for p in sorted(stdlib.glob("[a-c]*.py"))[:n_files]]

@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import record_settings
 from fault_proxy import FaultProxy
 
 from monoscope.autointerp import client as client_module
@@ -36,7 +37,7 @@ def units():
     acts = np.zeros((16, 12, 4), np.float32)
     for unit, word in enumerate((1, 10, 0, 5)):
         acts[..., unit] = (tokens == word) * (1.0 + unit) + rng.uniform(0, 0.1, tokens.shape)
-    return collect_records([(tokens, acts)], [0, 1, 2, 3], n_top=3, n_explain=2, n_random=1, n_quantile=0, record_len=4, seed=0)
+    return collect_records([(tokens, acts)], [0, 1, 2, 3], record_settings(n_top=3, n_explain=2, n_random=1, n_quantile=0, record_len=4, seed=0))
 
 
 @pytest.fixture(autouse=True)

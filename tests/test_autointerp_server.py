@@ -11,6 +11,7 @@ import math
 
 import numpy as np
 import pytest
+from conftest import record_settings
 from fault_proxy import FaultProxy
 
 from monoscope.autointerp.client import LLMClient
@@ -38,8 +39,8 @@ def unit_records():
         acts[..., 1] = np.isin(tokens, [10, 11, 12]) * rng.uniform(1, 2, tokens.shape)
         acts[..., 2] = (tokens == 0) * 1.0
         blocks.append((tokens, acts))
-    return collect_records(blocks, [0, 1, 2], n_top=3, n_explain=2, n_random=1, n_quantile=0, record_len=4, seed=0,
-                           sampling="top_random_quantile")
+    return collect_records(blocks, [0, 1, 2], record_settings(n_top=3, n_explain=2, n_random=1, n_quantile=0, record_len=4, seed=0,
+                           sampling="top_random_quantile"))
 
 
 def settings_for(base_url, tmp_path, **overrides):

@@ -7,6 +7,7 @@ import re
 
 import numpy as np
 import pytest
+from conftest import record_settings
 
 from monoscope.autointerp.client import ClientConfig, LLMClient, ResponseCache, cache_key
 from monoscope.autointerp.pipeline import AutointerpSettings, select_units
@@ -33,8 +34,8 @@ def test_collect_records_keeps_the_true_top_sequences_and_splits_disjointly():
     blocks = random_blocks()
     tokens = np.concatenate([t for t, _ in blocks])
     acts = np.concatenate([a for _, a in blocks])
-    records = collect_records(blocks, [1, 4], n_top=6, n_explain=2, n_random=3, n_quantile=2, record_len=None, seed=1,
-                              sampling="top_random_quantile")
+    records = collect_records(blocks, [1, 4], record_settings(n_top=6, n_explain=2, n_random=3, n_quantile=2, record_len=None, seed=1,
+                              sampling="top_random_quantile"))
     for unit_records, unit in zip(records, [1, 4]):
         seq_max = acts[:, :, unit].max(axis=1)
         expected_top = set(np.argsort(-seq_max, kind="stable")[:6].tolist())
@@ -53,7 +54,7 @@ def test_collect_records_keeps_the_true_top_sequences_and_splits_disjointly():
 def test_bills_sampling_interleaves_top_records_and_scores_top_and_random_one_to_one():
     blocks = random_blocks(n_blocks=8)
     acts = np.concatenate([a for _, a in blocks])
-    records = collect_records(blocks, [2, 5], n_top=20, n_explain=5, n_random=8, record_len=None, seed=0)
+    records = collect_records(blocks, [2, 5], record_settings(n_top=20, n_explain=5, n_random=8, record_len=None, seed=0))
     for unit_records, unit in zip(records, [2, 5]):
         ranked = np.argsort(-acts[:, :, unit].max(axis=1), kind="stable")[:20].tolist()
         assert [r.sequence for r in unit_records.explanation] == ranked[0::4]
@@ -63,7 +64,7 @@ def test_bills_sampling_interleaves_top_records_and_scores_top_and_random_one_to
         assert not set(scored_random) & set(ranked[0::4] + ranked[2::4])
         assert {r.kind for r in unit_records.scoring} == {"top", "random"}
     with pytest.raises(ValueError, match="sampling"):
-        collect_records(blocks, [0], sampling="delphi")
+        collect_records(blocks, [0], record_settings(sampling="delphi"))
 
 
 def test_logit_weights_text_names_the_tokens_a_unit_raises_and_lowers(tmp_path):
@@ -87,8 +88,8 @@ def test_zeros_filtered_block_only_for_sparse_records():
 
 def test_collect_records_cuts_windows_around_the_maximum_and_is_seeded():
     blocks = random_blocks()
-    first = collect_records(blocks, [0], n_top=4, n_explain=2, n_random=2, n_quantile=0, record_len=5, seed=3)
-    again = collect_records(blocks, [0], n_top=4, n_explain=2, n_random=2, n_quantile=0, record_len=5, seed=3)
+    first = collect_records(blocks, [0], record_settings(n_top=4, n_explain=2, n_random=2, n_quantile=0, record_len=5, seed=3))
+    again = collect_records(blocks, [0], record_settings(n_top=4, n_explain=2, n_random=2, n_quantile=0, record_len=5, seed=3))
     assert first == again
     for r in first[0].explanation:
         assert len(r.tokens) == len(r.acts) == 5
@@ -97,11 +98,11 @@ def test_collect_records_cuts_windows_around_the_maximum_and_is_seeded():
 
 def test_collect_records_rejects_bad_input():
     with pytest.raises(ValueError, match="n_explain"):
-        collect_records(random_blocks(), [0], n_top=2, n_explain=3)
+        collect_records(random_blocks(), [0], record_settings(n_top=2, n_explain=3))
     with pytest.raises(ValueError, match="out of range"):
-        collect_records(random_blocks(d=3), [5])
+        collect_records(random_blocks(d=3), [5], record_settings())
     with pytest.raises(ValueError, match="no activation blocks"):
-        collect_records([], [0])
+        collect_records([], [0], record_settings())
 
 
 def test_parse_json_list_accepts_lenient_separators_and_rejects_the_rest():
@@ -126,12 +127,12 @@ def test_correlation_scores():
 
 
 def test_bootstrap_ci_brackets_the_mean_and_comparison_reports_differences():
-    ci = bootstrap_mean_ci([0.1, 0.2, 0.3, 0.4, float("nan")], n_boot=500)
+    ci = bootstrap_mean_ci([0.1, 0.2, 0.3, 0.4, float("nan")], n_boot=500, seed=0)
     assert ci["n"] == 4 and ci["mean"] == pytest.approx(0.25)
     assert ci["low"] < ci["mean"] < ci["high"]
     rows = lambda values: [{"spearman": v, "pearson": v, "status": "ok"} for v in values]  # noqa: E731
     summary = compare_dictionaries({"x8": rows([0.5, 0.6, 0.7]), "neurons": rows([0.1, 0.2]) + [
-        {"spearman": math.nan, "pearson": math.nan, "status": "failed_bad_answer"}]}, n_boot=200)
+        {"spearman": math.nan, "pearson": math.nan, "status": "failed_bad_answer"}]}, n_boot=200, seed=0)
     assert summary["neurons"]["failed"] == 1
     assert summary["x8"]["spearman_minus_neurons"]["mean"] == pytest.approx(0.45)
     assert summary["x8"]["spearman_minus_neurons"]["low"] > 0
@@ -355,7 +356,7 @@ def test_detection_and_fuzzing_score_a_perfect_explanation_one_and_cost_one_shor
     for _ in range(4):
         tokens = rng.integers(0, len(words), (16, 12)).astype(np.int32)
         blocks.append((tokens, ((tokens == 0) * 2.0)[..., None].astype(np.float32)))
-    units = collect_records(blocks, [0], n_top=12, n_explain=3, n_random=3, record_len=6, seed=0)
+    units = collect_records(blocks, [0], record_settings(n_top=12, n_explain=3, n_random=3, record_len=6, seed=0))
     client = OracleChat()
     settings = default_settings(AutointerpSettings)
     result, = asyncio.run(interpret_units(client, units, words, settings, "json"))

@@ -179,6 +179,11 @@ def test_settings_are_built_from_the_validated_section_alone(cls):
         default_settings(cls, no_such_key=1)
 
 
+def test_more_explanation_records_than_top_records_are_refused_at_planning():
+    with pytest.raises(ConfigError, match=r"'autointerp.n_explain': 8 .* n_top=4"):
+        validate_config({"autointerp": {"n_explain": 8, "n_top": 4}})
+
+
 def test_a_bad_concept_regex_is_refused_at_planning():
     with pytest.raises(ConfigError, match=r"features\.concepts.*'broken'.*invalid regular expression"):
         validate_config({"features": {"concepts": [{"name": "broken", "pattern": "("}]}})

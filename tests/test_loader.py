@@ -109,11 +109,11 @@ def test_reads_stay_within_two_buffers_of_what_was_consumed(stores, monkeypatch)
 
 def test_bad_configuration_is_explained(stores):
     with pytest.raises(ValueError, match="multiple of loader streams"):
-        ActivationLoader(stores, batch_size=30, streams=4)
+        ActivationLoader(stores, batch_size=30, buffer_tokens=256, streams=4)
     with pytest.raises(ValueError, match="multiple of the number of processes"):
-        ActivationLoader(stores, batch_size=30, streams=3, world_size=2)
+        ActivationLoader(stores, batch_size=30, buffer_tokens=256, streams=3, world_size=2)
     with pytest.raises(ValueError, match="at least one"):
-        ActivationLoader([], batch_size=8)
+        ActivationLoader([], batch_size=8, buffer_tokens=256, streams=1)
 
 
 def pinned_stores(tmp_path, dtype):

@@ -201,6 +201,9 @@ def _cross_key_problems(config: dict[str, Any]):
         except ValueError as error:
             yield f"config key 'features.concepts': {error}"
     yield from _memory_problems(config)
+    auto = config["autointerp"]
+    if auto["n_explain"] > auto["n_top"]:
+        yield f"config key 'autointerp.n_explain': {auto['n_explain']} explanation records cannot exceed autointerp.n_top={auto['n_top']} top records"
     key_env = config["autointerp"]["api_key_env"]
     if key_env and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key_env):
         # Not echoed: a value that is not a variable name is most likely a pasted key.

@@ -65,8 +65,8 @@ class ActivationLoader:
         self,
         store_paths: Sequence[str | os.PathLike],
         batch_size: int,
-        buffer_tokens: int = 262_144,
-        streams: int = 8,
+        buffer_tokens: int,  # sae.buffer_tokens: the mixing buffer, over all streams
+        streams: int,  # sae.loader_streams
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,

@@ -225,10 +225,7 @@ def run_dictionary(settings: AutointerpSettings, name: str, sae_dir: str | Path 
 
     started = time.monotonic()
     units = select_units(read_unit_stats(unit_stats)["density"].to_numpy(), settings.n_units, settings.n_top_density, settings.seed)
-    records = collect_records(feature_blocks(), units, n_top=settings.n_top, n_random=settings.n_random,
-                              n_quantile=settings.n_quantile, n_explain=settings.n_explain,
-                              record_len=settings.record_len, seed=settings.seed,
-                              quantile_pool=settings.quantile_pool, sampling=settings.sampling)
+    records = collect_records(feature_blocks(), units, settings)
     cache_path = job_cache_path(settings.cache_path, name)  # one writer per cache file (see client)
     results, usage = asyncio.run(_run(records, token_strings(tokenizer_dir), settings, cache_path))
     usage |= {"dictionary": name, "units": len(units), "elapsed_s": round(time.monotonic() - started, 3)}

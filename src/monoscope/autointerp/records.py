@@ -20,12 +20,17 @@ for random) and split into an explanation set and a scoring set (``SAMPLINGS``):
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 MAX_QUANTISED = 10
+if TYPE_CHECKING:
+    from .pipeline import AutointerpSettings
+
 SAMPLINGS = ("bills", "top_random_quantile")
 BILLS_SPLITS = 4  # neuron-explainer's top-record splits: train (explain), calibration, valid (score), test
 
@@ -100,22 +105,17 @@ class _TopKPool:
 def collect_records(
     blocks: Iterable[tuple[np.ndarray, np.ndarray]],
     units: Sequence[int],
-    *,
-    n_top: int = 20,
-    n_random: int = 5,
-    n_quantile: int = 5,
-    n_explain: int = 5,
-    record_len: int | None = 32,
-    seed: int = 0,
-    quantile_pool: int = 200,
-    sampling: str = "bills",
+    settings: AutointerpSettings,
 ) -> list[UnitRecords]:
     """Stream activation blocks once and return records for each unit in ``units`` (same order).
 
     blocks: ``(tokens [b, context] int32, acts [b, context, n_units_total] float32)``.
-    n_top top-activating sequences are kept and split as ``sampling`` says (module docstring); with
-    "bills", n_explain records explain and up to n_explain top records are scored with as many random ones.
+    settings.n_top top-activating sequences are kept and split as settings.sampling says (module docstring);
+    with "bills", n_explain records explain and up to n_explain top records are scored with as many random
+    ones. Also read: n_random, n_quantile, record_len, quantile_pool and the seed.
     """
+    n_top, n_random, n_quantile, n_explain = settings.n_top, settings.n_random, settings.n_quantile, settings.n_explain
+    record_len, seed, quantile_pool, sampling = settings.record_len, settings.seed, settings.quantile_pool, settings.sampling
     units = np.asarray(units, dtype=np.int64)
     if units.ndim != 1 or len(units) == 0:
         raise ValueError("collect_records needs a non-empty 1-D list of unit indices")

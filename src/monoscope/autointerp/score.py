@@ -29,8 +29,7 @@ def correlation_scores(predicted: Sequence[Sequence[float]], true: Sequence[Sequ
     return {"spearman": float(stats.spearmanr(p, t).statistic), "pearson": float(stats.pearsonr(p, t).statistic)}
 
 
-def bootstrap_mean_ci(values: Sequence[float], *, n_boot: int = 1000, level: float = 0.95,
-                      seed: int = 0) -> dict[str, float]:
+def bootstrap_mean_ci(values: Sequence[float], *, n_boot: int, seed: int, level: float = 0.95) -> dict[str, float]:
     """Mean with a percentile bootstrap confidence interval over units (NaNs dropped)."""
     x = np.asarray([v for v in values if not math.isnan(v)], dtype=np.float64)
     if x.size == 0:
@@ -42,8 +41,8 @@ def bootstrap_mean_ci(values: Sequence[float], *, n_boot: int = 1000, level: flo
             "high": float(np.quantile(means, 1 - alpha)), "n": int(x.size)}
 
 
-def bootstrap_difference_ci(a: Sequence[float], b: Sequence[float], *, n_boot: int = 1000, level: float = 0.95,
-                            seed: int = 0) -> dict[str, float]:
+def bootstrap_difference_ci(a: Sequence[float], b: Sequence[float], *, n_boot: int, seed: int,
+                            level: float = 0.95) -> dict[str, float]:
     """mean(a) - mean(b), units resampled independently in each group."""
     x = np.asarray([v for v in a if not math.isnan(v)], dtype=np.float64)
     y = np.asarray([v for v in b if not math.isnan(v)], dtype=np.float64)
@@ -57,8 +56,8 @@ def bootstrap_difference_ci(a: Sequence[float], b: Sequence[float], *, n_boot: i
             "high": float(np.quantile(diffs, 1 - alpha))}
 
 
-def compare_dictionaries(scores: Mapping[str, Sequence[Mapping]], *, baseline: str = "neurons",
-                         n_boot: int = 1000, seed: int = 0) -> dict:
+def compare_dictionaries(scores: Mapping[str, Sequence[Mapping]], *, n_boot: int, seed: int,
+                         baseline: str = "neurons") -> dict:
     """Per dictionary: mean Spearman/Pearson (simulation) and detection/fuzzing balanced accuracy where the
     rows have them, with CIs, failures, and the difference from ``baseline``.
 

@@ -91,7 +91,7 @@ def _prompt_request(method: str, prompt: str, top_logprobs: int) -> dict:
 
 
 async def simulate_record(client: LLMClient, method: str, explanation: str, tokens: Sequence[str], *,
-                          top_logprobs: int = 15, attempt: int = 0) -> Simulation:
+                          top_logprobs: int, attempt: int = 0) -> Simulation:
     """Predict one record's activations (0..10 scale). Raises BadAnswer, RequestFailed or BudgetExceeded."""
     if method in ("echo", "prompt_logprobs"):
         prompt, offsets = all_at_once_prompt(explanation, tokens)
@@ -191,7 +191,7 @@ async def _echo_consistent(client: LLMClient, method: str, top_logprobs: int) ->
     return True, "prompt logprobs agree with next-token logprobs"
 
 
-async def detect_method(client: LLMClient, top_logprobs: int = 15) -> tuple[str, dict[str, str]]:
+async def detect_method(client: LLMClient, top_logprobs: int) -> tuple[str, dict[str, str]]:
     """Probe the endpoint (cached, so free on reruns): the first trustworthy method, and why each was or not."""
     notes = {}
     for method in ("prompt_logprobs", "echo"):
