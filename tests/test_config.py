@@ -180,7 +180,7 @@ def test_settings_are_built_from_the_validated_section_alone(cls):
 
 
 def test_more_explanation_records_than_top_records_are_refused_at_planning():
-    with pytest.raises(ConfigError, match=r"'autointerp.n_explain': 8 .* n_top=4"):
+    with pytest.raises(ConfigError, match=r"'autointerp.n_explain': 8 .* autointerp.n_top=4"):
         validate_config({"autointerp": {"n_explain": 8, "n_top": 4}})
 
 
