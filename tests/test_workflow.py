@@ -157,4 +157,5 @@ def test_the_sae_shell_command_survives_a_checkout_path_with_spaces(tmp_path, gp
     line = next(line for line in out.splitlines() if "train_sae.py" in line)
     argv = shlex.split(line.split(" > ")[0].removeprefix("Shell command: "))
     assert str(checkout / "workflow" / "scripts" / "train_sae.py") in argv
+    assert argv[argv.index("--resume-dir") + 1] == "results/sae/x2_l1-5/resume"  # its own, not a shared "{name}"
     assert Path(argv[0]).name.startswith("python") and (gpus < 2 or argv[1:4] == ["-m", "accelerate.commands.launch", "--multi_gpu"])

@@ -19,8 +19,9 @@ rule train_sae:
         launcher=sae_launcher,
         script=os.path.join(workflow.basedir, "workflow", "scripts", "train_sae.py"),
         out_root=RESULTS.sae_root,
-        # Undeclared, so Snakemake keeps it when it reruns a killed job: training resumes there.
-        resume_dir=RESULTS.sae_dir("{name}" if not JOINT_TRAINING else ".joint") / "resume",
+        # Undeclared, so Snakemake keeps it when it reruns a killed job: training resumes there. A string:
+        # Snakemake fills the {name} wildcard into string params only.
+        resume_dir=str(RESULTS.sae_dir(".joint" if JOINT_TRAINING else "{name}") / "resume"),
     log:
         RESULTS.log(f"train_sae/{TRAIN_JOB}"),
     benchmark:
