@@ -157,15 +157,15 @@ def test_store_dtype_batches_hold_the_same_values(tmp_path):
 
 
 def test_non_finite_check_reads_the_bits_of_nan_and_both_infinities():
-    from monoscope.loader import _all_finite
+    from monoscope.store import all_finite
 
     for dtype in (np.float16, np.float32):
         rows = np.full((4, 3), -np.finfo(dtype).max, dtype)  # the largest finite magnitude passes
-        assert _all_finite(rows)
+        assert all_finite(rows)
         for bad in (np.nan, np.inf, -np.inf):
             spoiled = rows.copy()
             spoiled[2, 1] = bad
-            assert not _all_finite(spoiled)
+            assert not all_finite(spoiled)
 
 
 def test_zarr_path_for_other_codecs_gives_the_same_batches(tmp_path):

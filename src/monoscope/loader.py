@@ -57,9 +57,6 @@ class _Chunk:
     stop: int
 
 
-_all_finite = all_finite  # the name the tests and older callers import
-
-
 class ActivationLoader:
     def __init__(
         self,
