@@ -50,23 +50,12 @@ def tiny_run(tmp_path_factory) -> tuple[Path, Path]:
     return workdir, config
 
 
-# Fixtures whose runs start in the background at collection, each by its module's start_in_background:
-# minutes of sbatch round trips (Slurm) or of job start-ups (the architecture families), spent while
-# the other modules run.
-BACKGROUND_FIXTURES = ("slurm_run", "family_runs")
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The architecture families' tests go last, so their background runs overlap every other module."""
-    items.sort(key=lambda item: "family_runs" in getattr(item, "fixturenames", ()))
-
-
 def pytest_collection_finish(session: pytest.Session) -> None:
-    """Start the background runs that the selected tests need."""
-    for fixture in BACKGROUND_FIXTURES:
-        needing = [item for item in session.items if fixture in getattr(item, "fixturenames", ())]
-        if needing:
-            needing[0].module.start_in_background(session.config)
+    """Start the Slurm run of tests/test_slurm.py now if a selected test needs it: minutes of waiting on
+    sbatch round trips and status polls, spent while the other modules run."""
+    needing = [item for item in session.items if "slurm_run" in getattr(item, "fixturenames", ())]
+    if needing:
+        needing[0].module.start_in_background(session.config)
 
 
 # --- a tiny results folder, built in memory ------------------------------------------------------

@@ -3,21 +3,14 @@
 Tiny random-weight GPT-2 (Conv1D MLP, LayerNorm), GPT-NeoX (Pythia: Linear MLP, LayerNorm) and
 Llama (SmolLM2: gated MLP, RMSNorm) and Gemma 3 ((1 + weight) RMSNorm gains, a norm after the MLP)
 models saved as local Hugging Face folders (`model.source: hub`, `model.name: <folder>`), each with
-a tokenizer smaller than its unembedding, and every stage on. `legacy TransformerLens` models cannot
-be run offline (TL4's loader lists the hub's files even when cached), so tl_legacy is covered by
-test_pretrained's error test only.
-
-The four runs are minutes of job start-ups (imports of torch and TransformerLens), so they start as
-soon as pytest has collected these tests (tests/conftest.py calls start_in_background), at a lower
-priority, on the core the other modules leave idle; conftest orders these tests last.
+a tokenizer smaller than its unembedding, and every stage on. The runs start together so their job
+start-ups overlap; `legacy TransformerLens` models cannot be run offline (TL4's loader lists the
+hub's files even when cached), so tl_legacy is covered by test_pretrained's error test only.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -49,33 +42,18 @@ def family_config(model_dir: Path) -> dict:
     }
 
 
-RUNS = pytest.StashKey[tuple[Path, dict]]()
-
-
-def start_in_background(config: pytest.Config) -> None:
-    """Save the tiny models and start every family's run, niced (once per session); they are
-    killed at the session's end if still running."""
-    if RUNS in config.stash:
-        return
-    root = Path(tempfile.mkdtemp(prefix="monoscope-families-"))
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    """family -> the working directory of its finished run."""
+    root = tmp_path_factory.mktemp("families")
     started = {}
     for family in FAMILIES:
         model_dir = save_tiny_model(family, root / f"{family}-model")
-        config_file = root / f"{family}.yaml"
-        config_file.write_text(yaml.safe_dump(family_config(model_dir)))
-        cmd = snakemake_command(root / family, "--cores", "1", "--configfile", str(config_file))
+        config = root / f"{family}.yaml"
+        config.write_text(yaml.safe_dump(family_config(model_dir)))
+        cmd = snakemake_command(root / family, "--cores", "1", "--configfile", str(config))
         log = open(root / f"{family}.log", "w")
-        process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, preexec_fn=lambda: os.nice(10))
-        started[family] = (process, log, cmd)
-    config.stash[RUNS] = root, started
-    config.add_cleanup(lambda: [process.kill() for process, _, _ in started.values() if process.poll() is None])
-
-
-@pytest.fixture(scope="module")
-def family_runs(request) -> dict[str, Path]:
-    """family -> the working directory of its finished run (kept when a test failed, to read its logs)."""
-    start_in_background(request.config)  # already running unless conftest's hook was bypassed
-    root, started = request.config.stash[RUNS]
+        started[family] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO), log, cmd)
     failed = []
     for family, (process, log, cmd) in started.items():
         process.wait()
@@ -83,14 +61,12 @@ def family_runs(request) -> dict[str, Path]:
         if process.returncode != 0:
             failed.append(f"{family}: {' '.join(cmd)} failed:\n{(root / f'{family}.log').read_text()[-4000:]}")
     assert not failed, "\n\n".join(failed)
-    yield {family: root / family for family in FAMILIES}
-    if request.session.testsfailed == 0:
-        shutil.rmtree(root, ignore_errors=True)
+    return {family: root / family for family in FAMILIES}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_every_stage_writes_units_of_the_right_shapes(family_runs, family):
-    results = family_runs[family] / "results"
+def test_every_stage_writes_units_of_the_right_shapes(runs, family):
+    results = runs[family] / "results"
     assert store.open_activations(results / "activations" / "eval_000.zarr").d == D_MLP
     neurons = features.load_features(results / "features" / "neurons")
     feats = features.load_features(results / "features" / SAE_NAME)
@@ -109,11 +85,11 @@ def test_every_stage_writes_units_of_the_right_shapes(family_runs, family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 @torch.no_grad()
-def test_logit_weights_equal_a_direct_computation_through_w_u(family_runs, family):
+def test_logit_weights_equal_a_direct_computation_through_w_u(runs, family):
     from transformers import AutoModelForCausalLM
 
-    results = family_runs[family] / "results"
-    hf = AutoModelForCausalLM.from_pretrained(str(family_runs[family].parent / f"{family}-model")).eval()
+    results = runs[family] / "results"
+    hf = AutoModelForCausalLM.from_pretrained(str(runs[family].parent / f"{family}-model")).eval()
     _, out_proj, post_norm, final_norm = hf_parts(hf, family)
     w_u = hf.get_output_embeddings().weight[:TOKENIZER_VOCAB]  # [n_vocab, d_model]
     w_dec = sae.load_sae(results / "sae" / SAE_NAME).W_dec  # [d_sae, d_mlp]
@@ -128,9 +104,9 @@ def test_logit_weights_equal_a_direct_computation_through_w_u(family_runs, famil
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_every_browser_page_loads_without_console_errors(family_runs, family, browser):  # noqa: F811
-    site = family_runs[family] / "results" / "report" / "browser"
-    assert (family_runs[family] / "results" / "report" / "index.html").stat().st_size > 0
+def test_every_browser_page_loads_without_console_errors(runs, family, browser):  # noqa: F811
+    site = runs[family] / "results" / "report" / "browser"
+    assert (runs[family] / "results" / "report" / "index.html").stat().st_size > 0
     open_page(browser, (site / "index.html").as_uri(), ready=False)
     for name in ("neurons", SAE_NAME):
         open_page(browser, (site / name / "index.html").as_uri())
