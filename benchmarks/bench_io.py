@@ -39,7 +39,7 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import google_crc32c
+import crc32c
 import numpy as np
 import torch
 import zarr
@@ -124,7 +124,7 @@ def crc_rate(paths: list[Path], repeats: int, max_files: int = 48) -> float:
     """Single-thread MB/s (of the float16 rows they hold, per CPU-second) of crc32c over the chunk files."""
     encoded = [f.read_bytes() for p in paths for f in chunk_files(p)][:max_files]
     store = open_activations(paths[0])
-    seconds = median_seconds(lambda: [google_crc32c.value(e) for e in encoded], repeats)
+    seconds = median_seconds(lambda: [crc32c.crc32c(e) for e in encoded], repeats)
     return len(encoded) * store.chunk_tokens * store.d * store.acts.dtype.itemsize / 1e6 / seconds
 
 
@@ -144,7 +144,7 @@ def checksummed_copy(path: Path, dest: Path) -> Path:
             nonfinite.append(index)
         file = files.path(index)
         frame = file.read_bytes()
-        file.write_bytes(frame + google_crc32c.value(frame).to_bytes(4, "little"))
+        file.write_bytes(frame + crc32c.crc32c(frame).to_bytes(4, "little"))
     meta = json.loads((dest / "acts" / "zarr.json").read_text())
     meta["codecs"].append({"name": "crc32c"})
     (dest / "acts" / "zarr.json").write_text(json.dumps(meta))

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import google_crc32c
+import crc32c
 import numpy as np
 import zarr
 from numcodecs import blosc
@@ -308,7 +308,7 @@ class ChunkFiles:
                 why = f"its Blosc frame says {cbytes} bytes, the file holds {size - trailer} (truncated or overwritten)"
             elif nbytes != out.nbytes:
                 why = f"its Blosc frame decodes to {nbytes} bytes, a chunk is {out.nbytes}"
-            elif trailer and google_crc32c.value(frame) != int.from_bytes(buffer[cbytes:size], "little"):
+            elif trailer and crc32c.crc32c(frame) != int.from_bytes(buffer[cbytes:size], "little"):
                 why = "its crc32c does not match its bytes (bit rot, a partial or interrupted copy)"
             else:
                 try:
@@ -469,7 +469,7 @@ class ActivationStoreWriter:
             self.acts[start : start + len(rows)] = rows
             return
         frame = self._codec.encode(rows)
-        checksum = google_crc32c.value(frame).to_bytes(4, "little")
+        checksum = crc32c.crc32c(frame).to_bytes(4, "little")
         file = self._chunk_dir / self.acts.metadata.encode_chunk_key((start // chunk, 0))
         with contextlib.suppress(FileExistsError):
             os.makedirs(file.parent)
