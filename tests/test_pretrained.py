@@ -166,6 +166,20 @@ def test_hub_model_neither_cached_nor_reachable_fails_at_once_with_instructions(
     assert pretrained.pretrained_identity(cfg) == "hub:monoscope-test/not-a-model@v1"
 
 
+def test_fetching_a_hub_model_fills_the_cache_without_loading_it(hub_cache, tmp_path, monkeypatch):
+    """prepare_model's step: a hub model's files reach the cache, its weights are never loaded (a 7B
+    model's load would cost the job minutes and tens of GB); a model that is nowhere fails at once."""
+    put_tiny_gpt2_in_cache(hub_cache, "monoscope-test/tiny-gpt2", "0123456789abcdef0123456789abcdef01234567")
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("fetch_pretrained loaded the model")
+
+    monkeypatch.setattr(pretrained, "load_pretrained", no_load)
+    pretrained.fetch_pretrained({"source": "hub", "name": "monoscope-test/tiny-gpt2", "revision": None}, tmp_path)
+    with pytest.raises(pretrained.HubUnavailableError, match="monoscope-test/not-a-model"):
+        pretrained.fetch_pretrained({"source": "hub", "name": "monoscope-test/not-a-model", "revision": None}, tmp_path)
+
+
 def test_dataset_message_points_at_local_files():
     message = pretrained.hub_unavailable_message("NeelNanda/pile-10k", "dataset", None, "offline")
     assert "hf download NeelNanda/pile-10k --repo-type dataset" in message and "corpus.source: files" in message

@@ -241,6 +241,16 @@ def pretrained_tokenizer(model_cfg: dict[str, Any], cache_dir: str | Path | None
     return AutoTokenizer.from_pretrained(str(_hf_folder(model_cfg, cache_dir)))
 
 
+def fetch_pretrained(model_cfg: dict[str, Any], cache_dir: str | Path) -> None:
+    """Put the weights where later jobs load them from, without loading them where that can be avoided:
+    gguf dequantised once into cache_dir, a hub model's files in the HF cache (a local folder is
+    already there); tl_legacy through its own loader, which fills the HF cache as it boots."""
+    if model_cfg["source"] == "tl_legacy":
+        load_pretrained(model_cfg, cache_dir)
+    else:
+        _hf_folder(model_cfg, cache_dir)
+
+
 def load_pretrained(model_cfg: dict[str, Any], cache_dir: str | Path):
     """(TransformerBridge in eval mode, HF tokenizer) for a gguf, hub or tl_legacy model config.
 
