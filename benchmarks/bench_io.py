@@ -15,7 +15,9 @@
    format-2 copies of the stores (stores without checksums are copied with the same Blosc frames,
    each followed by its crc32c, as the writer now writes them); target: MB/s >= 0.6 x roofline x
    threads. Also MB per CPU-second of the process against the decode's: the efficiency that does
-   not depend on how much of the shared machine the run got.
+   not depend on how much of the shared machine the run got. Before them, the ceiling: single-thread
+   CPU ms per chunk of the steps no loader can skip (read, crc32c, decode into rotating buffers, one
+   copy of each row into its batch, the float32 conversion) and the best ratio they leave.
 4. Writer alone (no forward pass): float32 rows cast to float16 by torch, rounded, checked,
    encoded, checksummed and written by ActivationStoreWriter with 1 worker; MB/s of float16 per
    CPU-second (process time; median of --repeats after one warm-up store) and bytes; target >= 500
@@ -168,6 +170,41 @@ def parallel_decode_rate(paths: list[Path], threads: int, max_files: int = 48) -
     return len(encoded) * outs[0].nbytes / 1e6 / seconds
 
 
+def loader_ceiling(paths: list[Path], repeats: int, max_files: int = 48) -> dict[str, float]:
+    """Single-thread CPU ms per chunk of what every chunk a loader serves must go through, whatever the
+    loader: read from the page cache, crc32c (format 2), Blosc decode into buffers that rotate as the
+    loader's pool does (not one cache-hot buffer), one contiguous copy of the decoded rows (the least
+    any shuffle costs: each row must move once into its batch) and the float16 -> float32 conversion."""
+    from numcodecs import blosc
+
+    files = [f for p in paths for f in chunk_files(p)][:max_files]
+    store = open_activations(paths[0])
+    rows, trailer = (store.chunk_tokens, store.d), 4 if store.checksummed else 0
+    encoded = [f.read_bytes() for f in files]
+    frames = [e[: len(e) - trailer] for e in encoded]
+    slots = np.empty((16, *rows), store.acts.dtype)
+    batch16, batch32 = torch.empty(rows, dtype=torch.float16), torch.empty(rows)
+    buffer = bytearray(max(map(len, encoded)) + 1)
+
+    def read() -> None:
+        for f in files:
+            fd = os.open(f, os.O_RDONLY)
+            os.preadv(fd, [buffer], 0)
+            os.close(fd)
+
+    for i, frame in enumerate(frames):
+        blosc.decompress(frame, slots[i % 16])
+    decoded = torch.from_numpy(slots)
+    steps = {
+        "read": read,
+        "crc32c": lambda: [crc32c.crc32c(e) for e in frames],
+        "decode": lambda: [blosc.decompress(e, slots[i % 16]) for i, e in enumerate(frames)],
+        "copy": lambda: [batch16.copy_(decoded[i % 16]) for i in range(len(files))],
+        "to float32": lambda: [batch32.copy_(decoded[i % 16]) for i in range(len(files))],
+    }
+    return {name: 1e3 * median_seconds(step, repeats) / len(files) for name, step in steps.items()}
+
+
 def evict_from_page_cache(path: Path) -> None:
     for file in path.rglob("*"):
         if file.is_file():
@@ -265,6 +302,13 @@ def main() -> None:
                   f"{0.6 * roofline * args.threads:.0f} MB/s; {args.threads} threads decoding at once: {statistics.median(together):.0f} MB/s wall; {load()}")  # fmt: skip
             print(f"[decode] crc32c of the same files: {crc:.0f} MB/s of rows per CPU-second; decode + crc32c "
                   f"{1 / (1 / roofline + 1 / crc):.0f} MB/s: the checksum costs {100 * roofline / crc:.0f} % of a decode")  # fmt: skip
+            ceiling = loader_ceiling(loaded, args.repeats)
+            chunk_mb = first.chunk_tokens * bytes_per_token / 1e6
+            floor16 = sum(ms for name, ms in ceiling.items() if name != "to float32")
+            print(f"[ceiling] per {chunk_mb:.1f} MB chunk, 1 thread, CPU ms: " + ", ".join(f"{name} {ms:.2f}" for name, ms in ceiling.items())
+                  + f"; the roofline's decode is {chunk_mb / roofline * 1e3:.2f}. A loader that reads, checks, decodes and moves each row once "
+                  f"reaches at most {chunk_mb / roofline * 1e3 / floor16:.2f} of roofline x cores with float16 batches, "
+                  f"{chunk_mb / roofline * 1e3 / (floor16 + ceiling['to float32']):.2f} with float32 ones; {load()}")  # fmt: skip
             for label, dtype in (("float32 batches", torch.float32), ("float16 batches", None)):
                 for p in loaded:
                     evict_from_page_cache(p)
