@@ -175,7 +175,7 @@ def test_comparison_writes_cis_plot_sheet_and_ingests_filled_sheets(llm_base_url
 
     sheet = (tmp_path / "ratings" / "rating_sheet.csv").read_text().splitlines()
     (tmp_path / "filled").mkdir()
-    header, first = sheet[0], sheet[1]
+    first = sheet[1]
     item = first.split(",")[0]
     (tmp_path / "filled" / "rater.csv").write_text(f"item,confidence,specificity\n{item},4,2\n")
     summary = run_comparison(dirs, tmp_path / "comparison.json", tmp_path / "comparison.png", tmp_path / "ratings",
