@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -64,6 +66,7 @@ def llama_server(log_path: Path, n_ctx: int = 2048, startup_timeout_s: float = 1
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"llama_cpp.server did not start in {startup_timeout_s}s; see {log_path}")
                 time.sleep(0.5)
+        _first_token(base_url, process, log_path)
         yield base_url
     finally:
         process.terminate()
@@ -72,6 +75,27 @@ def llama_server(log_path: Path, n_ctx: int = 2048, startup_timeout_s: float = 1
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+def _first_token(base_url: str, process: subprocess.Popen, log_path: Path) -> None:
+    """One 1-token completion before any test runs: a server that answers /models but dies computing
+    (a llama.cpp build whose kernels this CPU or VM cannot run) fails here, by name, instead of as a
+    'Connection error' in every test."""
+    request = urllib.request.Request(f"{base_url}/completions", data=json.dumps({"prompt": "The", "max_tokens": 1}).encode(),
+                                     headers={"Content-Type": "application/json"})  # fmt: skip
+    try:
+        with urllib.request.urlopen(request, timeout=60):
+            return
+    except OSError as error:
+        time.sleep(0.5)
+        died = process.poll()
+        if died is None:
+            what = f"failed ({error})"
+        elif died < 0:
+            what = f"was killed by {signal.Signals(-died).name}"
+        else:
+            what = f"exited with {died}"
+        raise RuntimeError(f"llama_cpp.server {what} on its first completion; see {log_path}") from error
 
 
 @pytest.fixture(scope="session")
